@@ -1,0 +1,21 @@
+// tunekit: fine-tune large language models from Node.js. The public surface (DESIGN.md).
+export { DisposedError, NativeLoadError } from './errors.js';
+export { info, memory, setThreads, synchronize, type Info } from './runtime.js';
+export { scope, tidy, Scope } from './scope.js';
+export {
+  Tensor,
+  full,
+  manualSeed,
+  ones,
+  randn,
+  tensor,
+  zeros,
+  type DType,
+  type Device,
+  type NestedNumbers,
+  type RandnOptions,
+  type TensorData,
+  type TensorOptions,
+} from './tensor.js';
+export { version } from './version.js';
+export * as ops from './ops/index.js';

@@ -1,0 +1,131 @@
+// Loads the N-API addon from an ordered list of candidates:
+//   1. TUNEKIT_NATIVE=path (overrides everything; an error if it does not load),
+//   2. a prebuilt binary matching this platform, architecture and libc (prebuilds/, from `npm run prebuild`),
+//   3. a local build (build/Release, then build/Debug: cmake-js or node-gyp).
+// When none loads, the error says what was tried, why each failed, and the one command that fixes it.
+import { existsSync, readdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { NativeLoadError } from './errors.js';
+
+export type DType = 'f32' | 'bf16' | 'f16' | 'i32' | 'u8';
+
+/** The addon's own tensor handle. Shapes are arrays of numbers, devices 'cpu' or 'cuda:N'. */
+export interface NativeTensor {
+  readonly shape: number[];
+  readonly dtype: DType;
+  readonly device: string;
+  readonly disposed: boolean;
+  read(): Promise<ArrayBuffer>;
+  readSync(): ArrayBuffer;
+  dispose(): void;
+}
+
+export interface NativeMemory {
+  tensors: number;
+  bytes: number;
+  allocatedBytes: number;
+  cachedBytes: number;
+  peakAllocatedBytes: number;
+}
+
+export interface NativeInfo {
+  cpu: { isa: 'avx512' | 'avx2' | 'portable'; bf16: boolean; detected: string; threads: number };
+  cuda: {
+    compiled: boolean;
+    available: boolean;
+    cublas: boolean;
+    status?: string;
+    devices: { index: number; name: string; computeCapability: string; multiprocessors: number; totalBytes: number }[];
+  };
+}
+
+export interface NativeProbe {
+  fp32Gflops: number;
+  isa: string;
+  threads: number;
+  readGBs: number;
+  copyGBs: number;
+}
+
+export interface NativeBinding {
+  NativeTensor: abstract new (...args: never[]) => NativeTensor;
+  fromHost(data: ArrayBufferView | ArrayBuffer, shape: number[], dtype: DType, device: string): NativeTensor;
+  full(shape: number[], dtype: DType, device: string, value: number): NativeTensor;
+  randn(shape: number[], dtype: DType, device: string, seed: number, mean: number, std: number): NativeTensor;
+  toDevice(t: NativeTensor, device: string): NativeTensor;
+  cast(t: NativeTensor, dtype: DType): NativeTensor;
+  reshape(t: NativeTensor, shape: number[]): NativeTensor;
+  permute(t: NativeTensor, perm: number[]): NativeTensor;
+  matmul(a: NativeTensor, b: NativeTensor, transA: boolean, transB: boolean): NativeTensor;
+  binary(op: 'add' | 'sub' | 'mul', a: NativeTensor, b: NativeTensor): NativeTensor;
+  scale(x: NativeTensor, alpha: number): NativeTensor;
+  sum(x: NativeTensor, axes: number[], keepdim: boolean): NativeTensor;
+  synchronize(device: string): void;
+  info(): NativeInfo;
+  memory(): Record<string, NativeMemory>;
+  setThreads(n: number): void;
+  setIsa(isa: string): string;
+  probe(seconds: number, bytes: number): NativeProbe;
+  napiVersion: number;
+}
+
+export const packageRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+function libc(): string {
+  if (process.platform !== 'linux') return '';
+  const report = process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined;
+  return report?.header?.glibcVersionRuntime ? 'glibc' : 'musl';
+}
+
+/** Paths to try, in order, each with why it is a candidate. */
+export function nativeCandidates(root = packageRoot, env = process.env): string[] {
+  if (env.TUNEKIT_NATIVE) return [env.TUNEKIT_NATIVE];
+  const out: string[] = [];
+  const dir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  if (existsSync(dir)) {
+    const want = libc();
+    const files = readdirSync(dir).filter((f) => f.endsWith('.node'));
+    // prebuildify names files like tunekit.napi.glibc.node: take N-API builds for our libc first.
+    const score = (f: string) => (f.includes('napi') ? 2 : 0) + (want && f.includes(want) ? 1 : 0);
+    const usable = files.filter((f) => !(want === 'glibc' && f.includes('musl')) && !(want === 'musl' && f.includes('glibc')));
+    usable.sort((a, b) => score(b) - score(a));
+    for (const f of usable) out.push(join(dir, f));
+  }
+  out.push(join(root, 'build', 'Release', 'tunekit.node'));
+  out.push(join(root, 'build', 'Debug', 'tunekit.node'));
+  return out;
+}
+
+export function loadNative(root = packageRoot, env = process.env): NativeBinding {
+  const require = createRequire(import.meta.url);
+  const tried: string[] = [];
+  for (const path of nativeCandidates(root, env)) {
+    if (!existsSync(path)) {
+      tried.push(`  ${path}: not found`);
+      continue;
+    }
+    try {
+      return require(path) as NativeBinding;
+    } catch (err) {
+      tried.push(`  ${path}: ${(err as Error).message.split('\n')[0]}`);
+    }
+  }
+  const fromClone = existsSync(join(root, '.git'));
+  const fix = env.TUNEKIT_NATIVE
+    ? `unset TUNEKIT_NATIVE, or point it at a built tunekit.node`
+    : fromClone
+      ? `npm run build:native   (in ${root}; needs CMake >= 3.18 and a C++17 compiler)`
+      : `npm rebuild tunekit   (needs CMake >= 3.18 and a C++17 compiler)`;
+  throw new NativeLoadError(`tunekit: could not load the native addon. Tried:\n${tried.join('\n')}\nTo fix it, run:\n  ${fix}`);
+}
+
+let binding: NativeBinding | undefined;
+
+/** The addon, loaded on first use. */
+export function native(): NativeBinding {
+  binding ??= loadNative();
+  return binding;
+}

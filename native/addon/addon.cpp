@@ -1,0 +1,484 @@
+// The N-API binding: marshals JavaScript values to core types and back, nothing more. The
+// TypeScript layer (lib/) validates arguments first and gives the friendlier errors; checks here
+// are the last line, so bad input from any caller becomes a JavaScript Error, never a crash.
+// Reads resolve their promise through a thread-safe function called once the device queue has
+// reached them, so `await t.toArray()` never blocks the event loop.
+#include <napi.h>
+
+#include <cmath>
+#include <cstring>
+#include <future>
+#include <memory>
+#include <string>
+
+#include "native/core/error.h"
+#include "native/core/runtime.h"
+#include "native/cpu/isa.h"
+#include "native/cpu/probe.h"
+#include "native/ops/ops.h"
+#ifdef TUNEKIT_WITH_CUDA
+#include "native/cuda/device.h"
+#endif
+
+namespace {
+
+using tk::DType;
+using tk::Device;
+using tk::DeviceType;
+using tk::TensorPtr;
+
+// Runs fn, turning core errors into JavaScript Errors.
+template <typename Fn>
+auto guarded(const Napi::Env& env, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
+DType arg_dtype(const Napi::Value& v) {
+  if (!v.IsString()) tk::fail("dtype must be a string: 'f32', 'bf16', 'f16', 'i32' or 'u8'");
+  std::string s = v.As<Napi::String>();
+  DType t;
+  if (!tk::parse_dtype(s, &t)) tk::fail("unknown dtype '", s, "': use 'f32', 'bf16', 'f16', 'i32' or 'u8'");
+  return t;
+}
+
+Device arg_device(const Napi::Value& v) {
+  if (!v.IsString()) tk::fail("device must be a string: 'cpu', 'cuda' or 'cuda:N'");
+  std::string s = v.As<Napi::String>();
+  if (s == "cpu") return Device{DeviceType::CPU, 0};
+  if (s == "cuda") return Device{DeviceType::CUDA, 0};
+  if (s.rfind("cuda:", 0) == 0 && s.size() > 5 && s.size() < 8 &&
+      s.find_first_not_of("0123456789", 5) == std::string::npos)
+    return Device{DeviceType::CUDA, std::stoi(s.substr(5))};
+  tk::fail("unknown device '", s, "': use 'cpu', 'cuda' or 'cuda:N'");
+}
+
+int64_t arg_int(const Napi::Value& v, const char* what) {
+  if (!v.IsNumber()) tk::fail(what, " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || std::floor(d) != d || std::fabs(d) > 9007199254740991.0)
+    tk::fail(what, " must be an integer, got ", d);
+  return int64_t(d);
+}
+
+double arg_number(const Napi::Value& v, const char* what) {
+  if (!v.IsNumber()) tk::fail(what, " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+std::vector<int64_t> arg_shape(const Napi::Value& v) {
+  if (!v.IsArray()) tk::fail("shape must be an array of non-negative integers");
+  auto arr = v.As<Napi::Array>();
+  std::vector<int64_t> shape;
+  for (uint32_t i = 0; i < arr.Length(); ++i) {
+    int64_t d = arg_int(arr.Get(i), "shape entry");
+    if (d < 0) tk::fail("shape entries must be non-negative, got ", d);
+    shape.push_back(d);
+  }
+  return shape;
+}
+
+std::vector<int> arg_ints(const Napi::Value& v, const char* what) {
+  if (!v.IsArray()) tk::fail(what, " must be an array of integers");
+  auto arr = v.As<Napi::Array>();
+  std::vector<int> out;
+  for (uint32_t i = 0; i < arr.Length(); ++i) {
+    int64_t x = arg_int(arr.Get(i), what);
+    if (x < -64 || x > 64) tk::fail(what, " entry ", x, " is out of range");
+    out.push_back(int(x));
+  }
+  return out;
+}
+
+Napi::Array shape_to_js(Napi::Env env, const std::vector<int64_t>& shape) {
+  Napi::Array a = Napi::Array::New(env, shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) a.Set(uint32_t(i), Napi::Number::New(env, double(shape[i])));
+  return a;
+}
+
+// ---- NativeTensor --------------------------------------------------------------------------------
+
+class NativeTensor : public Napi::ObjectWrap<NativeTensor> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeTensor",
+                       {
+                           InstanceAccessor<&NativeTensor::Shape>("shape"),
+                           InstanceAccessor<&NativeTensor::DTypeName>("dtype"),
+                           InstanceAccessor<&NativeTensor::DeviceName>("device"),
+                           InstanceAccessor<&NativeTensor::Disposed>("disposed"),
+                           InstanceMethod<&NativeTensor::Read>("read"),
+                           InstanceMethod<&NativeTensor::ReadSync>("readSync"),
+                           InstanceMethod<&NativeTensor::Dispose>("dispose"),
+                       });
+  }
+
+  explicit NativeTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeTensor>(info) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "NativeTensor is created by tunekit ops, not by `new`");
+    tensor_.reset(info[0].As<Napi::External<tk::Tensor>>().Data());
+  }
+
+  static Napi::Object Wrap(Napi::Env env, TensorPtr t);
+  static tk::Tensor& From(const Napi::Value& v, const char* what);
+
+ private:
+  tk::Tensor& live(Napi::Env env) {
+    if (!tensor_) throw Napi::Error::New(env, "tensor has been disposed");
+    return *tensor_;
+  }
+  Napi::Value Shape(const Napi::CallbackInfo& info) { return shape_to_js(info.Env(), live(info.Env()).shape()); }
+  Napi::Value DTypeName(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), tk::dtype_name(live(info.Env()).dtype()));
+  }
+  Napi::Value DeviceName(const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), live(info.Env()).device().name());
+  }
+  Napi::Value Disposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tensor_); }
+  Napi::Value Read(const Napi::CallbackInfo& info);
+  Napi::Value ReadSync(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::vector<uint8_t> bytes = guarded(env, [&] { return tk::ops::read_sync(live(env)); });
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, bytes.size());
+    if (!bytes.empty()) std::memcpy(ab.Data(), bytes.data(), bytes.size());
+    return ab;
+  }
+  // Dropping the tensor enqueues its storage's release behind all work already queued.
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    tensor_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<tk::Tensor> tensor_;
+};
+
+struct AddonData {
+  Napi::FunctionReference tensor_ctor;
+};
+
+Napi::Object NativeTensor::Wrap(Napi::Env env, TensorPtr t) {
+  auto* data = env.GetInstanceData<AddonData>();
+  tk::Tensor* raw = t.release();
+  try {
+    return data->tensor_ctor.New({Napi::External<tk::Tensor>::New(env, raw)});
+  } catch (...) {
+    delete raw;
+    throw;
+  }
+}
+
+tk::Tensor& NativeTensor::From(const Napi::Value& v, const char* what) {
+  Napi::Env env = v.Env();
+  auto* data = env.GetInstanceData<AddonData>();
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(data->tensor_ctor.Value()))
+    throw Napi::TypeError::New(env, std::string(what) + " must be a tunekit tensor");
+  return ObjectWrap<NativeTensor>::Unwrap(v.As<Napi::Object>())->live(env);
+}
+
+// ---- asynchronous reads --------------------------------------------------------------------------
+
+struct ReadJob {
+  Napi::Promise::Deferred deferred;
+  std::shared_ptr<std::vector<uint8_t>> bytes;
+  std::string error;
+};
+
+void resolve_read(Napi::Env env, Napi::Function, std::nullptr_t*, ReadJob* job) {
+  std::unique_ptr<ReadJob> owned(job);
+  if (env == nullptr) return;  // environment is shutting down
+  if (!job->error.empty()) {
+    job->deferred.Reject(Napi::Error::New(env, job->error).Value());
+    return;
+  }
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, job->bytes->size());
+  if (!job->bytes->empty()) std::memcpy(ab.Data(), job->bytes->data(), job->bytes->size());
+  job->deferred.Resolve(ab);
+}
+
+using ReadTsfn = Napi::TypedThreadSafeFunction<std::nullptr_t, ReadJob, resolve_read>;
+
+Napi::Value NativeTensor::Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tk::Tensor& t = live(env);
+  auto* job = new ReadJob{Napi::Promise::Deferred::New(env), std::make_shared<std::vector<uint8_t>>(), {}};
+  Napi::Promise promise = job->deferred.Promise();
+  // One thread-safe function per read: it keeps the event loop alive until the read resolves.
+  ReadTsfn tsfn = ReadTsfn::New(env, "tunekit.read", 0, 1);
+  try {
+    tk::ops::read_async(t, job->bytes, [tsfn, job](std::string err) mutable {
+      job->error = std::move(err);
+      tsfn.BlockingCall(job);
+      tsfn.Release();
+    });
+  } catch (const std::exception& e) {
+    tsfn.Release();
+    Napi::Error err = Napi::Error::New(env, e.what());
+    delete job;
+    throw err;
+  }
+  return promise;
+}
+
+// ---- ops -----------------------------------------------------------------------------------------
+
+Napi::Value FromHost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const void* data = nullptr;
+    size_t bytes = 0;
+    if (info[0].IsArrayBuffer()) {
+      auto ab = info[0].As<Napi::ArrayBuffer>();
+      data = ab.Data();
+      bytes = ab.ByteLength();
+    } else if (info[0].IsTypedArray()) {
+      auto ta = info[0].As<Napi::TypedArray>();
+      data = static_cast<const uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+      bytes = ta.ByteLength();
+    } else {
+      tk::fail("tensor: data must be an ArrayBuffer or a typed array");
+    }
+    return NativeTensor::Wrap(env, tk::ops::from_host(data, bytes, arg_shape(info[1]), arg_dtype(info[2]),
+                                                      arg_device(info[3])));
+  });
+}
+
+Napi::Value Full(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::full(arg_shape(info[0]), arg_dtype(info[1]), arg_device(info[2]),
+                                                 arg_number(info[3], "fill value")));
+  });
+}
+
+Napi::Value Randn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    int64_t seed = arg_int(info[3], "seed");
+    return NativeTensor::Wrap(env, tk::ops::randn(arg_shape(info[0]), arg_dtype(info[1]), arg_device(info[2]),
+                                                  uint64_t(seed), float(arg_number(info[4], "mean")),
+                                                  float(arg_number(info[5], "std"))));
+  });
+}
+
+Napi::Value ToDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::to_device(NativeTensor::From(info[0], "tensor"), arg_device(info[1])));
+  });
+}
+
+Napi::Value Cast(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::cast(NativeTensor::From(info[0], "tensor"), arg_dtype(info[1])));
+  });
+}
+
+Napi::Value Reshape(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::reshape(NativeTensor::From(info[0], "tensor"), arg_shape(info[1])));
+  });
+}
+
+Napi::Value Permute(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(
+        env, tk::ops::permute(NativeTensor::From(info[0], "tensor"), arg_ints(info[1], "permutation")));
+  });
+}
+
+Napi::Value Matmul(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::matmul(NativeTensor::From(info[0], "a"), NativeTensor::From(info[1], "b"),
+                                                   info[2].ToBoolean(), info[3].ToBoolean()));
+  });
+}
+
+Napi::Value Binary(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    std::string op = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+    tk::BinaryOp kind;
+    if (op == "add") kind = tk::BinaryOp::Add;
+    else if (op == "sub") kind = tk::BinaryOp::Sub;
+    else if (op == "mul") kind = tk::BinaryOp::Mul;
+    else tk::fail("unknown binary op '", op, "'");
+    return NativeTensor::Wrap(env, tk::ops::binary(kind, NativeTensor::From(info[1], "a"), NativeTensor::From(info[2], "b")));
+  });
+}
+
+Napi::Value Scale(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::scale(NativeTensor::From(info[0], "x"), arg_number(info[1], "scale")));
+  });
+}
+
+Napi::Value Sum(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::sum(NativeTensor::From(info[0], "x"), arg_ints(info[1], "axes"),
+                                                info[2].ToBoolean()));
+  });
+}
+
+Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  guarded(env, [&] { tk::ops::synchronize(arg_device(info[0])); });
+  return env.Undefined();
+}
+
+// ---- runtime -------------------------------------------------------------------------------------
+
+Napi::Value Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  tk::Runtime& rt = tk::Runtime::get();
+  Napi::Object out = Napi::Object::New(env);
+  Napi::Object cpu = Napi::Object::New(env);
+  tk::CpuIsa isa = tk::active_isa();
+  cpu.Set("isa", tk::isa_name(isa == tk::CpuIsa::Avx512Bf16 ? tk::CpuIsa::Avx512 : isa));
+  cpu.Set("bf16", isa == tk::CpuIsa::Avx512Bf16);
+  cpu.Set("detected", tk::isa_name(tk::detected_isa()));
+  cpu.Set("threads", rt.cpu().threads());
+  out.Set("cpu", cpu);
+  Napi::Object cuda = Napi::Object::New(env);
+  cuda.Set("compiled", rt.cuda_compiled());
+  Napi::Array devices = Napi::Array::New(env);
+  bool cublas = false;
+  std::string status = "this build of tunekit has no CUDA backend";
+#ifdef TUNEKIT_WITH_CUDA
+  cublas = tk::cuda::has_cublaslt();
+  int n = rt.cuda_device_count();
+  status = n > 0 ? "" : tk::cuda::driver_status();
+  for (int i = 0; i < n; ++i) {
+    tk::cuda::DeviceProps p = tk::cuda::device_props(i);
+    Napi::Object d = Napi::Object::New(env);
+    d.Set("index", i);
+    d.Set("name", p.name);
+    d.Set("computeCapability", std::to_string(p.major) + "." + std::to_string(p.minor));
+    d.Set("multiprocessors", p.sm_count);
+    d.Set("totalBytes", double(p.total_bytes));
+    devices.Set(uint32_t(i), d);
+  }
+#endif
+  cuda.Set("available", devices.Length() > 0);
+  cuda.Set("devices", devices);
+  cuda.Set("cublas", cublas);
+  if (!status.empty()) cuda.Set("status", status);
+  out.Set("cuda", cuda);
+  return out;
+}
+
+Napi::Object device_memory(Napi::Env env, Device dev) {
+  tk::Runtime& rt = tk::Runtime::get();
+  tk::LiveStats& live = rt.live(dev);
+  tk::AllocatorStats a = rt.allocator_stats(dev);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("tensors", double(live.tensors.load()));
+  o.Set("bytes", double(live.bytes.load()));
+  o.Set("allocatedBytes", double(a.allocated_bytes));
+  o.Set("cachedBytes", double(a.cached_bytes));
+  o.Set("peakAllocatedBytes", double(a.peak_allocated_bytes));
+  return o;
+}
+
+Napi::Value Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("cpu", device_memory(env, Device{DeviceType::CPU, 0}));
+    int n = tk::Runtime::get().cuda_device_count();
+    for (int i = 0; i < n; ++i) out.Set("cuda:" + std::to_string(i), device_memory(env, Device{DeviceType::CUDA, i}));
+    return out;
+  });
+}
+
+Napi::Value SetThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  guarded(env, [&] {
+    int64_t n = arg_int(info[0], "threads");
+    if (n < 1 || n > 1024) tk::fail("setThreads: threads must be between 1 and 1024, got ", n);
+    tk::Runtime::get().cpu().set_threads(int(n));
+  });
+  return env.Undefined();
+}
+
+// Forces a CPU ISA level (capped at what the CPU has) and returns the level in effect.
+Napi::Value SetIsa(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    std::string s = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+    tk::CpuIsa isa;
+    if (!tk::parse_isa(s, &isa)) tk::fail("unknown ISA '", s, "': use portable, avx2, avx512 or avx512bf16");
+    // Kernels already queued keep the level they were queued under only if we wait for them.
+    tk::Runtime::get().cpu().synchronize();
+    return Napi::String::New(env, tk::isa_name(tk::set_active_isa(isa)));
+  });
+}
+
+// Peak probes run on the CPU queue's pool after the queue drains; they block the caller and are
+// meant for benchmarks.
+Napi::Value Probe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    tk::CpuQueue& q = tk::Runtime::get().cpu();
+    q.synchronize();
+    Napi::Object out = Napi::Object::New(env);
+    double seconds = arg_number(info[0], "seconds");
+    int64_t bytes = arg_int(info[1], "bytes");
+    tk::PeakFlops pf{};
+    double read = 0, copy = 0;
+    std::promise<void> done;
+    q.enqueue([&] {
+      pf = tk::probe_peak_flops(q.pool(), seconds);
+      read = tk::probe_read_bandwidth(q.pool(), size_t(bytes));
+      copy = tk::probe_copy_bandwidth(q.pool(), size_t(bytes));
+      done.set_value();
+    });
+    done.get_future().wait();
+    out.Set("fp32Gflops", pf.gflops);
+    out.Set("isa", tk::isa_name(pf.isa));
+    out.Set("threads", q.threads());
+    out.Set("readGBs", read);
+    out.Set("copyGBs", copy);
+    return out;
+  });
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  data->tensor_ctor = Napi::Persistent(NativeTensor::Define(env));
+  env.SetInstanceData(data);
+  exports.Set("NativeTensor", data->tensor_ctor.Value());
+  exports.Set("fromHost", Napi::Function::New(env, FromHost));
+  exports.Set("full", Napi::Function::New(env, Full));
+  exports.Set("randn", Napi::Function::New(env, Randn));
+  exports.Set("toDevice", Napi::Function::New(env, ToDevice));
+  exports.Set("cast", Napi::Function::New(env, Cast));
+  exports.Set("reshape", Napi::Function::New(env, Reshape));
+  exports.Set("permute", Napi::Function::New(env, Permute));
+  exports.Set("matmul", Napi::Function::New(env, Matmul));
+  exports.Set("binary", Napi::Function::New(env, Binary));
+  exports.Set("scale", Napi::Function::New(env, Scale));
+  exports.Set("sum", Napi::Function::New(env, Sum));
+  exports.Set("synchronize", Napi::Function::New(env, Synchronize));
+  exports.Set("info", Napi::Function::New(env, Info));
+  exports.Set("memory", Napi::Function::New(env, Memory));
+  exports.Set("setThreads", Napi::Function::New(env, SetThreads));
+  exports.Set("setIsa", Napi::Function::New(env, SetIsa));
+  exports.Set("probe", Napi::Function::New(env, Probe));
+  exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(tunekit, Init)

@@ -1,0 +1,346 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cstring>
+#include <future>
+
+#include "../core/error.h"
+#include "../cpu/gemm.h"
+#ifdef TUNEKIT_WITH_CUDA
+#include "../cuda/device.h"
+#endif
+
+namespace tk {
+
+// ---- storage and tensors -------------------------------------------------------------------------
+
+Storage::Storage(Device dev, size_t n) : device(dev), bytes(n), ptr(Runtime::get().allocate(dev, n)) {}
+Storage::~Storage() { Runtime::get().release(device, ptr, bytes); }
+
+Tensor::Tensor(std::shared_ptr<Storage> storage, DType dtype, std::vector<int64_t> shape)
+    : storage_(std::move(storage)), dtype_(dtype), shape_(std::move(shape)) {
+  Runtime::get().live(device()).tensors.fetch_add(1);
+}
+
+Tensor::~Tensor() { Runtime::get().live(device()).tensors.fetch_sub(1); }
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape_) n *= d;
+  return n;
+}
+
+TensorView Tensor::view() const { return make_view(storage_->ptr, dtype_, device(), shape_); }
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string Tensor::describe() const {
+  return shape_str(shape_) + " " + dtype_name(dtype_) + " on " + device().name();
+}
+
+void check_shape(const char* op, const std::vector<int64_t>& shape, DType dtype) {
+  TK_CHECK(shape.size() <= size_t(kMaxDims), op, ": shape ", shape_str(shape), " has ", shape.size(),
+           " dimensions; at most ", kMaxDims, " are supported");
+  // Element counts stay below 2^53 so JavaScript numbers index them exactly.
+  const int64_t limit = int64_t(1) << 53;
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    TK_CHECK(d >= 0, op, ": shape ", shape_str(shape), " has a negative size");
+    if (d != 0 && n > limit / d) fail(op, ": shape ", shape_str(shape), " has too many elements");
+    n *= d;
+  }
+  TK_CHECK(n <= limit / int64_t(dtype_size(dtype)), op, ": shape ", shape_str(shape), " is too large");
+}
+
+TensorPtr empty(const std::vector<int64_t>& shape, DType dtype, Device dev) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  auto storage = std::make_shared<Storage>(dev, size_t(n) * dtype_size(dtype));
+  return std::make_unique<Tensor>(std::move(storage), dtype, shape);
+}
+
+namespace ops {
+
+namespace {
+
+// The kernels that serve one op call, one column per device type. An op without a kernel for
+// a device says so by name instead of running something else.
+struct DeviceKernels {
+  std::function<void(ThreadPool&)> cpu;
+  std::function<void(Queue&)> cuda;
+};
+
+void launch(const char* op, Device dev, DeviceKernels k) {
+  Runtime& rt = Runtime::get();
+  if (dev.type == DeviceType::CPU) {
+    CpuQueue& q = rt.cpu();
+    q.enqueue([&q, fn = std::move(k.cpu)] { fn(q.pool()); });
+    return;
+  }
+  TK_CHECK(k.cuda, op, ": no CUDA kernel in this version of tunekit; move the tensors to the CPU with t.to('cpu')");
+  Queue& q = rt.queue(dev);
+  q.enqueue([&q, fn = std::move(k.cuda)] { fn(q); });
+}
+
+void same_device(const char* op, const Tensor& a, const Tensor& b) {
+  TK_CHECK(a.device() == b.device(), op, ": operands are on different devices (", a.describe(), " and ",
+           b.describe(), "); move one with t.to('", a.device().name(), "')");
+}
+
+void same_dtype(const char* op, const Tensor& a, const Tensor& b) {
+  TK_CHECK(a.dtype() == b.dtype(), op, ": dtypes differ (", a.describe(), " and ", b.describe(),
+           "); cast one with t.to('", dtype_name(a.dtype()), "')");
+}
+
+int normalize_axis(const char* op, int axis, int ndim, const std::vector<int64_t>& shape) {
+  TK_CHECK(axis >= -ndim && axis < ndim, op, ": axis ", axis, " is out of range for shape ", shape_str(shape),
+           " (valid: ", -ndim, " .. ", ndim - 1, ")");
+  return axis < 0 ? axis + ndim : axis;
+}
+
+}  // namespace
+
+TensorPtr from_host(const void* data, size_t bytes, const std::vector<int64_t>& shape, DType dtype, Device dev) {
+  check_shape("tensor", shape, dtype);
+  Runtime::get().check_device(dev);
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  size_t want = size_t(n) * dtype_size(dtype);
+  TK_CHECK(bytes == want, "tensor: shape ", shape_str(shape), " needs ", n, " ", dtype_name(dtype),
+           " elements (", want, " bytes) but the data has ", bytes, " bytes");
+  TensorPtr t = empty(shape, dtype, dev);
+  if (bytes == 0) return t;
+  if (dev.type == DeviceType::CPU) {
+    // Fresh memory no queued work can touch yet: copy now, so the caller may reuse `data`.
+    std::memcpy(t->storage()->ptr, data, bytes);
+  } else {
+#ifdef TUNEKIT_WITH_CUDA
+    cuda::upload(Runtime::get().queue(dev), t->storage()->ptr, data, bytes);
+#endif
+  }
+  return t;
+}
+
+TensorPtr full(const std::vector<int64_t>& shape, DType dtype, Device dev, double value) {
+  check_shape("full", shape, dtype);
+  Runtime::get().check_device(dev);
+  TensorPtr t = empty(shape, dtype, dev);
+  TensorView out = t->view();
+  launch("full", dev, {[=](ThreadPool& pool) { fill_cpu(out, value, pool); }, nullptr});
+  return t;
+}
+
+TensorPtr randn(const std::vector<int64_t>& shape, DType dtype, Device dev, uint64_t seed, float mean, float std) {
+  check_shape("randn", shape, dtype);
+  TK_CHECK(is_floating(dtype), "randn: dtype ", dtype_name(dtype), " is not a floating type; use f32, bf16 or f16");
+  Runtime::get().check_device(dev);
+  TensorPtr t = empty(shape, dtype, dev);
+  TensorView out = t->view();
+  launch("randn", dev, {[=](ThreadPool& pool) { randn_cpu(out, seed, mean, std, pool); }, nullptr});
+  return t;
+}
+
+void read_async(const Tensor& t, std::shared_ptr<std::vector<uint8_t>> out, std::function<void(std::string)> done) {
+  out->resize(t.nbytes());
+  Queue& q = Runtime::get().queue(t.device());
+  std::shared_ptr<Storage> keep = t.storage();  // the tensor may be disposed before the copy runs
+  size_t bytes = t.nbytes();
+  if (t.device().type == DeviceType::CPU) {
+    q.enqueue([keep, out, bytes, &q, done = std::move(done)] {
+      if (bytes) std::memcpy(out->data(), keep->ptr, bytes);
+      done(q.take_error());
+    });
+    return;
+  }
+#ifdef TUNEKIT_WITH_CUDA
+  cuda::download(q, keep->ptr, out->data(), bytes, [keep, out, &q, done = std::move(done)] { done(q.take_error()); });
+#endif
+}
+
+std::vector<uint8_t> read_sync(const Tensor& t) {
+  auto out = std::make_shared<std::vector<uint8_t>>();
+  std::promise<std::string> result;
+  auto fut = result.get_future();
+  read_async(t, out, [&result](std::string err) { result.set_value(std::move(err)); });
+  std::string err = fut.get();
+  if (!err.empty()) throw Error(err);
+  return std::move(*out);
+}
+
+TensorPtr to_device(const Tensor& t, Device dev) {
+  Runtime& rt = Runtime::get();
+  rt.check_device(dev);
+  if (dev == t.device()) return reshape(t, t.shape());
+  // Only CPU <-> CUDA moves exist, and only in a CUDA build (check_device above has thrown otherwise).
+  std::vector<uint8_t> host = read_sync(t);
+  return from_host(host.data(), host.size(), t.shape(), t.dtype(), dev);
+}
+
+TensorPtr cast(const Tensor& t, DType dtype) {
+  TensorPtr out = empty(t.shape(), dtype, t.device());
+  TensorView src = t.view(), dst = out->view();
+  launch("cast", t.device(), {[=](ThreadPool& pool) { copy_cpu(src, dst, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr reshape(const Tensor& t, const std::vector<int64_t>& shape) {
+  check_shape("reshape", shape, t.dtype());
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  TK_CHECK(n == t.numel(), "reshape: cannot view ", t.describe(), " (", t.numel(), " elements) as ",
+           shape_str(shape), " (", n, " elements)");
+  return std::make_unique<Tensor>(t.storage(), t.dtype(), shape);
+}
+
+TensorPtr permute(const Tensor& t, const std::vector<int>& perm) {
+  int nd = int(t.shape().size());
+  TK_CHECK(int(perm.size()) == nd, "permute: ", perm.size(), " axes given for ", t.describe(), " of rank ", nd);
+  std::vector<bool> seen(size_t(nd), false);
+  std::vector<int64_t> out_shape(static_cast<size_t>(nd));
+  TensorView src = t.view();
+  TensorView strided = src;
+  for (int i = 0; i < nd; ++i) {
+    int a = normalize_axis("permute", perm[size_t(i)], nd, t.shape());
+    TK_CHECK(!seen[size_t(a)], "permute: axis ", a, " appears twice in the permutation");
+    seen[size_t(a)] = true;
+    out_shape[size_t(i)] = t.shape()[size_t(a)];
+    strided.shape[i] = src.shape[a];
+    strided.strides[i] = src.strides[a];
+  }
+  TensorPtr out = empty(out_shape, t.dtype(), t.device());
+  TensorView dst = out->view();
+  launch("permute", t.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+  const char* op = "matmul";
+  same_device(op, a, b);
+  same_dtype(op, a, b);
+  TK_CHECK(a.dtype() == DType::F32 || a.dtype() == DType::BF16, op, ": dtype ", dtype_name(a.dtype()),
+           " is not supported; use f32 or bf16 (cast with t.to('f32'))");
+  const auto &as = a.shape(), &bs = b.shape();
+  TK_CHECK(as.size() >= 2 && bs.size() >= 2, op, ": operands need at least 2 dimensions, got a ", a.describe(),
+           " and b ", b.describe(), "; reshape vectors to [1, n] or [n, 1]");
+  size_t ra = as.size(), rb = bs.size();
+  int64_t M = trans_a ? as[ra - 1] : as[ra - 2];
+  int64_t Ka = trans_a ? as[ra - 2] : as[ra - 1];
+  int64_t Kb = trans_b ? bs[rb - 1] : bs[rb - 2];
+  int64_t N = trans_b ? bs[rb - 2] : bs[rb - 1];
+  TK_CHECK(Ka == Kb, op, ": inner dimensions differ: a ", shape_str(as), trans_a ? " (transposed)" : "", " has K=", Ka,
+           ", b ", shape_str(bs), trans_b ? " (transposed)" : "", " has K=", Kb);
+  std::vector<int64_t> batch_a(as.begin(), as.end() - 2), batch_b(bs.begin(), bs.end() - 2);
+  TK_CHECK(batch_a == batch_b || batch_a.empty() || batch_b.empty(), op, ": batch dimensions of a ", shape_str(as),
+           " and b ", shape_str(bs), " must be equal, or one operand must be 2-D");
+  const std::vector<int64_t>& batch_shape = batch_a.empty() ? batch_b : batch_a;
+  int64_t batch = 1;
+  for (int64_t d : batch_shape) batch *= d;
+  std::vector<int64_t> out_shape = batch_shape;
+  out_shape.push_back(M);
+  out_shape.push_back(N);
+  TensorPtr out = empty(out_shape, a.dtype(), a.device());
+
+  GemmParams p;
+  p.batch = batch;
+  p.M = M;
+  p.N = N;
+  p.K = Ka;
+  p.ab_dtype = a.dtype();
+  p.c_dtype = a.dtype();
+  p.A = a.storage()->ptr;
+  p.lda = as[ra - 1];
+  p.batch_stride_a = batch_a.empty() ? 0 : as[ra - 1] * as[ra - 2];
+  p.trans_a = trans_a;
+  p.B = b.storage()->ptr;
+  p.ldb = bs[rb - 1];
+  p.batch_stride_b = batch_b.empty() ? 0 : bs[rb - 1] * bs[rb - 2];
+  p.trans_b = trans_b;
+  p.C = out->storage()->ptr;
+  p.ldc = N;
+  p.batch_stride_c = M * N;
+  // A batch of row-major A against one shared B is a single taller GEMM: [batch*M, K] x B.
+  if (!trans_a && batch > 1 && p.batch_stride_b == 0) {
+    p.M = batch * M;
+    p.batch = 1;
+    p.batch_stride_a = p.batch_stride_c = 0;
+  }
+  launch(op, a.device(), {[=](ThreadPool& pool) { gemm_cpu(p, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr binary(BinaryOp kind, const Tensor& a, const Tensor& b) {
+  const char* op = kind == BinaryOp::Add ? "add" : kind == BinaryOp::Sub ? "sub" : "mul";
+  same_device(op, a, b);
+  same_dtype(op, a, b);
+  TK_CHECK(a.dtype() != DType::U8, op, ": dtype u8 is not supported; cast with t.to('i32') or t.to('f32')");
+  const auto &as = a.shape(), &bs = b.shape();
+  size_t nd = std::max(as.size(), bs.size());
+  std::vector<int64_t> out_shape(nd);
+  TensorView av = a.view(), bv = b.view();
+  TensorView ax = av, bx = bv;
+  ax.ndim = bx.ndim = int(nd);
+  for (size_t i = 0; i < nd; ++i) {
+    // Align from the right; missing leading dims are size 1.
+    int ia = int(i) - int(nd - as.size()), ib = int(i) - int(nd - bs.size());
+    int64_t da = ia >= 0 ? as[size_t(ia)] : 1, db = ib >= 0 ? bs[size_t(ib)] : 1;
+    TK_CHECK(da == db || da == 1 || db == 1, op, ": shapes ", shape_str(as), " and ", shape_str(bs),
+             " do not broadcast (dimension ", i, ": ", da, " vs ", db, ")");
+    int64_t d = da == 1 ? db : da;
+    out_shape[i] = d;
+    ax.shape[i] = bx.shape[i] = d;
+    ax.strides[i] = (ia >= 0 && da != 1) ? av.strides[ia] : 0;
+    bx.strides[i] = (ib >= 0 && db != 1) ? bv.strides[ib] : 0;
+  }
+  TensorPtr out = empty(out_shape, a.dtype(), a.device());
+  TensorView ov = out->view();
+  launch(op, a.device(), {[=](ThreadPool& pool) { binary_cpu(kind, ax, bx, ov, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr scale(const Tensor& x, double alpha) {
+  TK_CHECK(is_floating(x.dtype()), "scale: dtype ", dtype_name(x.dtype()),
+           " is not a floating type; cast with t.to('f32')");
+  TensorPtr out = empty(x.shape(), x.dtype(), x.device());
+  TensorView xv = x.view(), ov = out->view();
+  launch("scale", x.device(), {[=](ThreadPool& pool) { scale_cpu(xv, float(alpha), ov, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
+  const char* op = "sum";
+  TK_CHECK(x.dtype() != DType::U8, op, ": dtype u8 is not supported; cast with t.to('i32')");
+  int nd = int(x.shape().size());
+  uint32_t mask = 0;
+  if (axes.empty()) {
+    mask = nd ? (uint32_t(1) << nd) - 1 : 0;
+  } else {
+    for (int axis : axes) {
+      int a = normalize_axis(op, axis, nd, x.shape());
+      TK_CHECK(!(mask & (1u << a)), op, ": axis ", a, " is listed twice");
+      mask |= 1u << a;
+    }
+  }
+  std::vector<int64_t> kept(x.shape()), out_shape;
+  for (int i = 0; i < nd; ++i) {
+    if (mask & (1u << i)) {
+      kept[size_t(i)] = 1;
+      if (keepdim) out_shape.push_back(1);
+    } else {
+      out_shape.push_back(x.shape()[size_t(i)]);
+    }
+  }
+  TensorPtr out = empty(out_shape, x.dtype(), x.device());
+  // The kernel writes the keepdim layout; the output shape without reduced axes has the same bytes.
+  TensorView xv = x.view(), ov = make_view(out->storage()->ptr, x.dtype(), x.device(), kept);
+  launch(op, x.device(), {[=](ThreadPool& pool) { sum_cpu(xv, mask, ov, pool); }, nullptr});
+  return out;
+}
+
+void synchronize(Device dev) { Runtime::get().queue(dev).synchronize(); }
+
+}  // namespace ops
+}  // namespace tk

@@ -1,0 +1,86 @@
+// The op table: every op the addon exposes, its shape/dtype/device checks, and which kernel
+// serves which device. Checks run synchronously on the caller's thread and throw tk::Error with
+// the op's name and the offending shapes; kernels are then enqueued on the device's queue, so a
+// call returns before the work is done. Each op names its kernels per device (DeviceKernels):
+// adding a backend fills a column there and touches no caller.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../core/runtime.h"
+#include "../core/tensor.h"
+#include "../cpu/elementwise.h"
+
+namespace tk {
+
+// Device memory shared by tensors that view it (reshape shares, every other op allocates).
+// Destroying the last reference enqueues the release on the device's queue.
+struct Storage {
+  Storage(Device dev, size_t bytes);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  Device device;
+  size_t bytes;
+  void* ptr;
+};
+
+// A contiguous tensor: shape, dtype, device and its storage. Counted as live until destroyed.
+class Tensor {
+ public:
+  Tensor(std::shared_ptr<Storage> storage, DType dtype, std::vector<int64_t> shape);
+  ~Tensor();
+  Tensor(const Tensor&) = delete;
+  Tensor& operator=(const Tensor&) = delete;
+
+  const std::vector<int64_t>& shape() const { return shape_; }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_->device; }
+  int64_t numel() const;
+  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
+  TensorView view() const;
+  const std::shared_ptr<Storage>& storage() const { return storage_; }
+  std::string describe() const;  // "[2, 3] f32 on cpu"
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  DType dtype_;
+  std::vector<int64_t> shape_;
+};
+
+using TensorPtr = std::unique_ptr<Tensor>;
+
+std::string shape_str(const std::vector<int64_t>& shape);
+// Validates a user-supplied shape (non-negative, element count and bytes within limits).
+void check_shape(const char* op, const std::vector<int64_t>& shape, DType dtype);
+TensorPtr empty(const std::vector<int64_t>& shape, DType dtype, Device dev);
+
+namespace ops {
+
+// A new tensor holding a copy of `bytes` host bytes (exactly numel * dtype size).
+TensorPtr from_host(const void* data, size_t bytes, const std::vector<int64_t>& shape, DType dtype, Device dev);
+TensorPtr full(const std::vector<int64_t>& shape, DType dtype, Device dev, double value);
+TensorPtr randn(const std::vector<int64_t>& shape, DType dtype, Device dev, uint64_t seed, float mean, float std);
+// Copies the values to host memory (exactly nbytes()), calling done(error) on a host thread
+// (not the JavaScript thread) after all work queued before it; error is "" on success.
+void read_async(const Tensor& t, std::shared_ptr<std::vector<uint8_t>> out, std::function<void(std::string)> done);
+// Blocks until the values are ready; throws the device's deferred error, if any.
+std::vector<uint8_t> read_sync(const Tensor& t);
+TensorPtr to_device(const Tensor& t, Device dev);
+TensorPtr cast(const Tensor& t, DType dtype);
+TensorPtr reshape(const Tensor& t, const std::vector<int64_t>& shape);
+TensorPtr permute(const Tensor& t, const std::vector<int>& perm);
+// a [..., M, K] (transA: [..., K, M]), b [..., K, N] (transB: [..., N, K]) -> [..., M, N].
+// Batch dims must be equal, or one operand 2-D (broadcast). f32 or bf16, fp32 accumulation.
+TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
+// Numpy broadcasting; operands share dtype and device.
+TensorPtr binary(BinaryOp op, const Tensor& a, const Tensor& b);
+TensorPtr scale(const Tensor& x, double alpha);
+// Sum over `axes` (negative counts from the end; empty = all axes).
+TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim);
+void synchronize(Device dev);
+
+}  // namespace ops
+}  // namespace tk
