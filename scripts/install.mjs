@@ -1,6 +1,7 @@
 // `npm install` hook: use a prebuilt addon when one loads, else build from source with cmake-js.
-// TUNEKIT_NATIVE=path skips the build (the loader uses that file); TUNEKIT_BUILD_FROM_SOURCE=1
-// forces the build even when a prebuild exists.
+// TUNEKIT_NATIVE=path skips the build (the loader uses that file); --from-source (what
+// `npm run build:native` passes) or TUNEKIT_BUILD_FROM_SOURCE=1 builds even when a prebuild
+// exists. TUNEKIT_CUDA=AUTO|ON|OFF is passed to CMake.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -25,11 +26,12 @@ function prebuildLoads() {
   return false;
 }
 
-if (process.env.TUNEKIT_NATIVE) {
+if (process.env.TUNEKIT_NATIVE && !process.argv.includes('--from-source')) {
   console.log(`tunekit: TUNEKIT_NATIVE is set (${process.env.TUNEKIT_NATIVE}); not building the addon`);
   process.exit(0);
 }
-if (!process.env.TUNEKIT_BUILD_FROM_SOURCE && prebuildLoads()) process.exit(0);
+const fromSource = process.argv.includes('--from-source') || !!process.env.TUNEKIT_BUILD_FROM_SOURCE;
+if (!fromSource && prebuildLoads()) process.exit(0);
 
 const cmake = spawnSync('cmake', ['--version'], { encoding: 'utf8' });
 if (cmake.error || cmake.status !== 0) {

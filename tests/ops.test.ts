@@ -40,7 +40,9 @@ describe('matmul', () => {
     expect(err).toBeLessThan(2e-5);
     expect(err).toBeGreaterThan(0);
     // Accumulation is fp32: the same product read as f32 is exact to fp32 precision.
-    using c32 = tk.ops.matmul(ta.to('f32'), tb.to('f32'));
+    using a32 = ta.to('f32');
+    using b32 = tb.to('f32');
+    using c32 = tk.ops.matmul(a32, b32);
     expect(nmse(c32.toArraySync(), ref)).toBeLessThan(1e-10);
   });
 
@@ -141,8 +143,9 @@ describe('elementwise and reductions', () => {
             const o = [i, j, l].map((v, ax) => (norm.includes(ax) ? 0 : v));
             ref[(o[0]! * outDims[1]! + o[1]!) * outDims[2]! + o[2]!] += x[(i * B + j) * C + l]!;
           }
-      expect(nmse(s.toArraySync(), ref)).toBeLessThan(1e-12);
-      expect(nmse(k.toArraySync(), ref)).toBeLessThan(1e-12);
+      // fp32 accumulation with cancellation (values in [-1, 1) summing near 0) bounds this, not rounding.
+      expect(nmse(s.toArraySync(), ref)).toBeLessThan(1e-10);
+      expect(nmse(k.toArraySync(), ref)).toBeLessThan(1e-10);
     }
     using all = tk.ops.sum(t);
     expect(all.shape).toEqual([]);

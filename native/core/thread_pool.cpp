@@ -27,7 +27,9 @@ int ThreadPool::default_threads() {
 void ThreadPool::start(int threads) {
   threads_ = std::max(1, threads);
   quit_ = false;
-  for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t] { worker_loop(t); });
+  // New workers wait for the next region, not one that ran before they existed.
+  uint64_t now = generation_.load();
+  for (int t = 1; t < threads_; ++t) workers_.emplace_back([this, t, now] { worker_loop(t, now); });
 }
 
 void ThreadPool::stop() {
@@ -48,8 +50,7 @@ void ThreadPool::resize(int threads) {
   start(threads);
 }
 
-void ThreadPool::worker_loop(int tid) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop(int tid, uint64_t seen) {
   for (;;) {
     // Spin a little for the next region before sleeping.
     for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) TK_PAUSE();

@@ -38,7 +38,7 @@ class ThreadPool {
  private:
   void start(int threads);
   void stop();
-  void worker_loop(int tid);
+  void worker_loop(int tid, uint64_t seen_generation);
 
   int threads_ = 1;
   std::vector<std::thread> workers_;

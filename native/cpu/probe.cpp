@@ -32,7 +32,11 @@ __attribute__((target("avx512f"))) double fma_loop_avx512(int64_t iters) {
     for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
   __m512 s = acc[0];
   for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
-  return double(_mm512_reduce_add_ps(s));
+  float lanes[16];
+  _mm512_storeu_ps(lanes, s);
+  double r = 0;
+  for (float f : lanes) r += f;
+  return r;
 }
 
 __attribute__((target("avx2,fma"))) double fma_loop_avx2(int64_t iters) {

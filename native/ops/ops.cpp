@@ -149,15 +149,22 @@ void read_async(const Tensor& t, std::shared_ptr<std::vector<uint8_t>> out, std:
   Queue& q = Runtime::get().queue(t.device());
   std::shared_ptr<Storage> keep = t.storage();  // the tensor may be disposed before the copy runs
   size_t bytes = t.nbytes();
+  // Each completion drops its reference to the storage before reporting, so that when the read
+  // resolves, tk.memory() no longer counts a tensor disposed while the read was queued.
   if (t.device().type == DeviceType::CPU) {
-    q.enqueue([keep, out, bytes, &q, done = std::move(done)] {
+    q.enqueue([keep, out, bytes, &q, done = std::move(done)]() mutable {
       if (bytes) std::memcpy(out->data(), keep->ptr, bytes);
+      keep.reset();
       done(q.take_error());
     });
     return;
   }
 #ifdef TUNEKIT_WITH_CUDA
-  cuda::download(q, keep->ptr, out->data(), bytes, [keep, out, &q, done = std::move(done)] { done(q.take_error()); });
+  void* src = keep->ptr;
+  cuda::download(q, src, out->data(), bytes, [keep, out, &q, done = std::move(done)]() mutable {
+    keep.reset();
+    done(q.take_error());
+  });
 #endif
 }
 
