@@ -20,10 +20,17 @@ export const gemmShapes = [
   { name: 'mlp 8192x512x2048', m: 8192, n: 2048, k: 512 },
 ];
 
+// The first Python that imports torch: $TUNEKIT_PYTHON, python3 on PATH, then Debian's own
+// /usr/bin/python3 (where python3-torch installs, even when a pyenv python3 comes first on PATH).
+export function torchPython() {
+  const candidates = [process.env.TUNEKIT_PYTHON, 'python3', '/usr/bin/python3'].filter(Boolean);
+  return candidates.find((py) => spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0);
+}
+
 function torchTimes(cases, threads) {
-  const probe = spawnSync('python3', ['-c', 'import torch'], { encoding: 'utf8' });
-  if (probe.status !== 0) return { missing: 'python3 -c "import torch" failed (apt-get install python3-torch to compare)' };
-  const r = spawnSync('python3', [join(here, 'torch_matmul.py'), String(threads)], {
+  const python = torchPython();
+  if (!python) return { missing: 'no python3 imports torch (apt-get install python3-torch, or set TUNEKIT_PYTHON)' };
+  const r = spawnSync(python, [join(here, 'torch_matmul.py'), String(threads)], {
     input: JSON.stringify(cases),
     encoding: 'utf8',
     maxBuffer: 1 << 20,

@@ -29,7 +29,8 @@ class Queue {
   // Runs `task` after everything enqueued before it.
   virtual void enqueue(std::function<void()> task) = 0;
   // Runs `fn` on a host thread once all work enqueued before it has completed. `fn` must not
-  // enqueue work on this queue (it may run on the queue's own thread).
+  // enqueue, synchronize, block on or transfer through this queue: it may run on the queue's own
+  // thread (the CPU worker, or a CUDA queue's callback thread).
   virtual void host_callback(std::function<void()> fn) = 0;
   // Blocks until all enqueued work has completed; throws the first deferred error, if any.
   virtual void synchronize() = 0;

@@ -58,8 +58,9 @@ constexpr int64_t kGrain = 32768;         // elements below which a second threa
 constexpr int64_t kSumPart = int64_t(1) << 16;  // elements per reduction part (fixes the summation tree)
 constexpr int64_t kLeafRows = 16;         // rows added naively before entering the pairwise cascade
 constexpr int64_t kColChunk = 2048;       // row-buffer width for outer-axis sums (8 KB per buffer)
-constexpr int64_t kTile = 32;             // transpose tile edge
-constexpr int64_t kPanel = 256;           // transpose panel edge (a multiple of kTile)
+constexpr int64_t kWideRow = 256;         // narrow rows are grouped into rows of about this width
+constexpr int64_t kTileK = 256;           // transpose tile extent along the source-contiguous dim
+constexpr int64_t kStripL = 256;          // transpose task extent along the destination-contiguous dim
 
 enum class Level { Scalar, Avx2, Avx512 };
 
@@ -100,6 +101,10 @@ void scale_scalar(const float* x, float alpha, float* o, int64_t n) {
 
 void add_scalar(float* acc, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+}
+
+void add4_scalar(float* acc, const float* a, const float* b, const float* c, const float* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += (a[i] + b[i]) + (c[i] + d[i]);
 }
 
 float sum_scalar(const float* p, int64_t n) {
@@ -157,6 +162,16 @@ TK_AVX2 void add_avx2(float* acc, const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_loadu_ps(x + i)));
   add_scalar(acc + i, x + i, n - i);
+}
+
+TK_AVX2 void add4_avx2(float* acc, const float* a, const float* b, const float* c, const float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 ab = _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+    __m256 cd = _mm256_add_ps(_mm256_loadu_ps(c + i), _mm256_loadu_ps(d + i));
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_add_ps(ab, cd)));
+  }
+  add4_scalar(acc + i, a + i, b + i, c + i, d + i, n - i);
 }
 
 TK_AVX2 float sum_avx2(const float* p, int64_t n) {
@@ -266,6 +281,21 @@ TK_AVX512 void add_avx512(float* acc, const float* x, int64_t n) {
   }
 }
 
+TK_AVX512 void add4_avx512(float* acc, const float* a, const float* b, const float* c, const float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 ab = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+    __m512 cd = _mm512_add_ps(_mm512_loadu_ps(c + i), _mm512_loadu_ps(d + i));
+    _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), _mm512_add_ps(ab, cd)));
+  }
+  if (i < n) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 ab = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i));
+    __m512 cd = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c + i), _mm512_maskz_loadu_ps(m, d + i));
+    _mm512_mask_storeu_ps(acc + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + i), _mm512_add_ps(ab, cd)));
+  }
+}
+
 TK_AVX512 float sum_avx512(const float* p, int64_t n) {
   if (n > 2048) {  // each of the 64 lanes below then adds at most 32 values naively
     int64_t h = (n / 2) & ~int64_t(63);
@@ -372,8 +402,22 @@ void add_f32(Level L, float* acc, const float* x, int64_t n) {
   add_scalar(acc, x, n);
 }
 
+// acc[0, n) += (a + b) + (c + d): four rows per pass over the accumulator.
+void add4_f32(Level L, float* acc, const float* a, const float* b, const float* c, const float* d, int64_t n) {
+#if TK_EW_X86
+  if (L == Level::Avx512) return add4_avx512(acc, a, b, c, d, n);
+  if (L == Level::Avx2) return add4_avx2(acc, a, b, c, d, n);
+#endif
+  add4_scalar(acc, a, b, c, d, n);
+}
+
 // Pairwise sum of a contiguous run.
 float sum_f32(Level L, const float* p, int64_t n) {
+  if (n < 8) {  // too short for a vector reduction to pay off
+    float s = 0;
+    for (int64_t i = 0; i < n; ++i) s += p[i];
+    return s;
+  }
 #if TK_EW_X86
   if (L == Level::Avx512) return sum_avx512(p, n);
   if (L == Level::Avx2) return sum_avx2(p, n);
@@ -716,28 +760,31 @@ void scale_cpu(const TensorView& x, float alpha, const TensorView& out, ThreadPo
 namespace {
 
 // A copy whose source is contiguous along some dim k other than the last, while the destination
-// is contiguous along the last (a transpose, possibly batched over the other dims). Work goes
-// in panels of kPanel x kPanel elements, each done as kTile x kTile tiles: a tile reads whole
-// source lines and writes whole destination lines, and a panel touches few enough pages
-// (2 * kPanel) that the TLB keeps them while every line of them is used; walking tiles across
-// the whole matrix instead costs a TLB miss per 128 bytes at large power-of-two strides.
+// is contiguous along the last (a transpose, possibly batched over the other dims). It goes
+// through tiles of kTileK (along k) x one destination cache line (along the last dim), staged
+// in a 16 KB buffer: a tile reads kTileK contiguous source elements from each of its rows, long
+// enough runs for the prefetchers to follow, and writes exactly one whole line per destination
+// row. (Square 32 x 32 tiles measured 2x slower: 128-byte source runs leave DRAM latency exposed,
+// and a buffer filling L1 evicts the lines being streamed.) Tasks are strips of tiles:
+// kTileK x kStripL elements sharing one outer index.
 struct TransposePlan {
   int nd = 0, k = 0;
   int64_t shape[kMaxDims] = {};
   int64_t sst[kMaxDims] = {};  // source strides (sst[k] == 1)
   int64_t dst[kMaxDims] = {};  // destination strides (contiguous)
-  int64_t panels_k = 0, panels_l = 0, outer = 0;
+  int64_t strips_k = 0, strips_l = 0, outer = 0;
 };
 
-// Panels [t0, t1), numbered (outer index, panel along k, panel along the last dim).
+// Strips [t0, t1), numbered (outer index, strip along k, strip along the last dim).
 template <class S, class D>
-void transpose_panels(const TransposePlan& p, const S* src, D* dst, int64_t t0, int64_t t1) {
+void transpose_strips(const TransposePlan& p, const S* src, D* dst, int64_t t0, int64_t t1) {
+  constexpr int64_t kLineL = 64 / int64_t(sizeof(D));  // one destination cache line
   const int last = p.nd - 1;
   const int64_t sl = p.sst[last], dk = p.dst[p.k];
-  D tile[kTile][kTile];  // [l][k]: one source tile, already converted
+  D tile[kLineL][kTileK];  // [l][k]: one source tile, already converted
   for (int64_t t = t0; t < t1; ++t) {
-    int64_t pl = t % p.panels_l, rest = t / p.panels_l;
-    int64_t pk = rest % p.panels_k, o = rest / p.panels_k;
+    int64_t sl_idx = t % p.strips_l, rest = t / p.strips_l;
+    int64_t sk_idx = rest % p.strips_k, o = rest / p.strips_k;
     int64_t soff = 0, doff = 0;
     for (int d = last - 1; d >= 0; --d) {  // the other dims, decomposed from o
       if (d == p.k) continue;
@@ -746,21 +793,19 @@ void transpose_panels(const TransposePlan& p, const S* src, D* dst, int64_t t0, 
       soff += i * p.sst[d];
       doff += i * p.dst[d];
     }
-    const int64_t pk1 = std::min(p.shape[p.k], (pk + 1) * kPanel);
-    const int64_t pl1 = std::min(p.shape[last], (pl + 1) * kPanel);
-    for (int64_t k0 = pk * kPanel; k0 < pk1; k0 += kTile)
-      for (int64_t l0 = pl * kPanel; l0 < pl1; l0 += kTile) {
-        const int64_t nk = std::min(kTile, pk1 - k0), nl = std::min(kTile, pl1 - l0);
-        // Through an L1 buffer, so that both memory sides stream whole lines.
-        for (int64_t j = 0; j < nl; ++j) {
-          const S* s = src + soff + (l0 + j) * sl + k0;
-          for (int64_t i = 0; i < nk; ++i) tile[j][i] = convert<S, D>(s[i]);
-        }
-        for (int64_t i = 0; i < nk; ++i) {
-          D* d = dst + doff + (k0 + i) * dk + l0;
-          for (int64_t j = 0; j < nl; ++j) d[j] = tile[j][i];
-        }
+    const int64_t k0 = sk_idx * kTileK, nk = std::min(kTileK, p.shape[p.k] - k0);
+    const int64_t l_end = std::min(p.shape[last], (sl_idx + 1) * kStripL);
+    for (int64_t l0 = sl_idx * kStripL; l0 < l_end; l0 += kLineL) {
+      const int64_t nl = std::min(kLineL, l_end - l0);
+      for (int64_t j = 0; j < nl; ++j) {
+        const S* s = src + soff + (l0 + j) * sl + k0;
+        for (int64_t i = 0; i < nk; ++i) tile[j][i] = convert<S, D>(s[i]);
       }
+      for (int64_t i = 0; i < nk; ++i) {
+        D* d = dst + doff + (k0 + i) * dk + l0;
+        for (int64_t j = 0; j < nl; ++j) d[j] = tile[j][i];
+      }
+    }
   }
 }
 
@@ -804,17 +849,17 @@ void copy_cpu(const TensorView& src, const TensorView& dst, ThreadPool& pool) {
       p.sst[d] = w.st[0][d];
     }
     contiguous_strides(p.nd, p.shape, p.dst);
-    p.panels_k = (p.shape[k] + kPanel - 1) / kPanel;
-    p.panels_l = (p.shape[last] + kPanel - 1) / kPanel;
+    p.strips_k = (p.shape[k] + kTileK - 1) / kTileK;
+    p.strips_l = (p.shape[last] + kStripL - 1) / kStripL;
     p.outer = n / (p.shape[k] * p.shape[last]);
-    const int64_t panels = p.outer * p.panels_k * p.panels_l;
-    const int64_t per_panel = n / panels;  // average, for the grain
+    const int64_t strips = p.outer * p.strips_k * p.strips_l;
+    const int64_t per_strip = n / strips;  // average, for the grain
     with_type(st, [&](auto s) {
       using S = decltype(s);
       with_type(dt, [&](auto d) {
         using D = decltype(d);
-        pool.parallel_for(panels, std::max<int64_t>(1, kGrain / per_panel), [&](int64_t t0, int64_t t1) {
-          transpose_panels<S, D>(p, src.ptr<S>(), dst.ptr<D>(), t0, t1);
+        pool.parallel_for(strips, std::max<int64_t>(1, kGrain / per_strip), [&](int64_t t0, int64_t t1) {
+          transpose_strips<S, D>(p, src.ptr<S>(), dst.ptr<D>(), t0, t1);
         });
       });
     });
@@ -961,7 +1006,7 @@ class PairwiseSum {
   float total() const {
     float s = 0;
     bool any = false;
-    for (int l = 0; l < 64; ++l)
+    for (int l = 0; l < 64 && (count_ >> l); ++l)
       if ((count_ >> l) & 1u) {
         s = any ? slot_[l] + s : slot_[l];
         any = true;
@@ -988,8 +1033,7 @@ class ExactSum {  // int64 addition is associative: no tree needed
 class PairwiseRows {
  public:
   explicit PairwiseRows(int64_t cap) : cap_(cap) {}
-  void reset(Level L, int64_t w) {
-    (void)L;
+  void reset(int64_t w) {
     for (int l = 0; l < 64; ++l)
       if ((count_ >> l) & 1u) free_.push_back(slot_[l]);
     count_ = 0;
@@ -1040,7 +1084,7 @@ class PairwiseRows {
 class ExactRows {  // one int64 accumulator row serves as every leaf
  public:
   explicit ExactRows(int64_t cap) : acc_(size_t(cap)) {}
-  void reset(Level, int64_t w) {
+  void reset(int64_t w) {
     w_ = w;
     std::fill(acc_.begin(), acc_.begin() + w, 0);
   }
@@ -1072,11 +1116,27 @@ struct SumOps<float> {
       acc.push(sum_f32(L, stage_f32(L, t, byte_ptr(p, t, i * s), s, m, buf), m));
     }
   }
+  // The sum of one run.
+  static float run(Level L, DType t, const void* p, int64_t s, int64_t n, float* buf) {
+    if (t == DType::F32 && s == 1) return sum_f32(L, static_cast<const float*>(p), n);
+    PairwiseSum acc;
+    segment(L, t, p, s, n, acc, buf);
+    return acc.total();
+  }
   // acc[0, w) += the contiguous row at p.
   static void add_row(Level L, DType t, const void* p, int64_t w, float* acc, float* buf) {
     for (int64_t i = 0; i < w; i += kBlock) {
       int64_t m = std::min(kBlock, w - i);
       add_f32(L, acc + i, stage_f32(L, t, byte_ptr(p, t, i), 1, m, buf), m);
+    }
+  }
+  // acc[0, w) += the sum of the four contiguous rows at p[0..3]; buf holds 4 * kBlock floats.
+  static void add_rows4(Level L, DType t, const void* const* p, int64_t w, float* acc, float* buf) {
+    for (int64_t i = 0; i < w; i += kBlock) {
+      int64_t m = std::min(kBlock, w - i);
+      const float* r[4];
+      for (int q = 0; q < 4; ++q) r[q] = stage_f32(L, t, byte_ptr(p[q], t, i), 1, m, buf + q * kBlock);
+      add4_f32(L, acc + i, r[0], r[1], r[2], r[3], m);
     }
   }
   static void add_acc(Level L, float* acc, const float* x, int64_t w) { add_f32(L, acc, x, w); }
@@ -1095,9 +1155,17 @@ struct SumOps<int64_t> {
     for (int64_t i = 0; i < n; ++i) t += x[i * s];
     acc.push(t);
   }
+  static int64_t run(Level L, DType t, const void* p, int64_t s, int64_t n, float* buf) {
+    ExactSum acc;
+    segment(L, t, p, s, n, acc, buf);
+    return acc.total();
+  }
   static void add_row(Level, DType, const void* p, int64_t w, int64_t* acc, float*) {
     const int32_t* x = static_cast<const int32_t*>(p);
     for (int64_t i = 0; i < w; ++i) acc[i] += x[i];
+  }
+  static void add_rows4(Level L, DType t, const void* const* p, int64_t w, int64_t* acc, float* buf) {
+    for (int q = 0; q < 4; ++q) add_row(L, t, p[q], w, acc, buf);
   }
   static void add_acc(Level, int64_t* acc, const int64_t* x, int64_t w) {
     for (int64_t i = 0; i < w; ++i) acc[i] += x[i];
@@ -1119,9 +1187,47 @@ void sum_runs(Level L, const TensorView& x, const DimList& kept, const DimList& 
   const int64_t M = kept.count(), N = red.count();
   const int64_t run = red.size[red.n - 1], rs = red.stride[red.n - 1];
   const int64_t P = (N + kSumPart - 1) / kSumPart;
-  std::vector<Acc> parts(P > 1 ? size_t(M * P) : 0);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::min(N, kSumPart));
 
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (red.n == 1 && rs == 1 && run < 16 && (kept.n == 0 || (kept.n == 1 && kept.stride[0] == run))) {
+      // Short runs packed back to back (e.g. [R, 7] over axis 1): x is one contiguous stream of
+      // M * run values, staged a block of whole runs at a time and summed in a plain loop.
+      const int64_t per_block = kBlock / run;
+      pool.parallel_for(M, std::max<int64_t>(1, kGrain / run), [&](int64_t m0, int64_t m1) {
+        float buf[kBlock], res[kBlock];
+        for (int64_t m = m0; m < m1; m += per_block) {
+          const int64_t cnt = std::min(per_block, m1 - m);
+          const float* v = stage_f32(L, t, byte_ptr(x.data, t, m * run), 1, cnt * run, buf);
+          for (int64_t i = 0; i < cnt; ++i) {
+            float acc = 0;
+            for (int64_t j = 0; j < run; ++j) acc += v[i * run + j];
+            res[i] = acc;
+          }
+          Ops::store(L, t, res, out.data, m, cnt);
+        }
+      });
+      return;
+    }
+  }
+
+  if (P == 1 && red.n == 1) {
+    // One run per output (e.g. [R, D] over axis 1): walk the outputs with an odometer and store
+    // them a block at a time, so that short runs cost little more than their loads.
+    pool.parallel_for(M, grain, [&](int64_t m0, int64_t m1) {
+      Acc res[kBlock];
+      float buf[kBlock];
+      Odometer o(kept, kept.n, m0);
+      for (int64_t m = m0; m < m1; m += kBlock) {
+        const int64_t cnt = std::min(kBlock, m1 - m);
+        for (int64_t i = 0; i < cnt; ++i, o.next()) res[i] = Ops::run(L, t, byte_ptr(x.data, t, o.off), rs, run, buf);
+        Ops::store(L, t, res, out.data, m, cnt);
+      }
+    });
+    return;
+  }
+
+  std::vector<Acc> parts(P > 1 ? size_t(M * P) : 0);
   pool.parallel_for(M * P, grain, [&](int64_t t0, int64_t t1) {
     float buf[kBlock];
     for (int64_t task = t0; task < t1; ++task) {
@@ -1152,8 +1258,14 @@ void sum_runs(Level L, const TensorView& x, const DimList& kept, const DimList& 
 }
 
 // Innermost kept axis is contiguous: add whole rows (over the reduced index) into row buffers.
-// Tasks are (outer kept index, column chunk of width <= kColChunk, part of RP rows); RP depends
-// only on the shape, so the summation tree does not depend on the thread count.
+// Tasks are (outer kept index, part of RP rows, column chunk of width <= kColChunk); RP depends
+// only on the shape, so the summation tree does not depend on the thread count. Consecutive
+// tasks take consecutive column chunks of the same rows, so each row is streamed in order.
+//
+// Narrow rows (e.g. [N, 7] over axis 0) would spend their time in per-row overhead. When the rows
+// are packed back to back (a single reduced dim of stride Lk), G consecutive rows are instead
+// taken as one "wide row" of G * Lk contiguous elements, summed the same way, and the G
+// sub-rows of the result are folded pairwise at the end.
 template <class Acc>
 void sum_rows(Level L, const TensorView& x, const DimList& kept, const DimList& red, const TensorView& out,
               ThreadPool& pool) {
@@ -1162,43 +1274,74 @@ void sum_rows(Level L, const TensorView& x, const DimList& kept, const DimList& 
   const int64_t N = red.count();
   const int64_t Lk = kept.size[kept.n - 1];  // the contiguous kept axis
   const int64_t Mo = kept.count() / Lk;
-  const int64_t W = std::min(Lk, kColChunk), CC = (Lk + W - 1) / W;
+  const bool grouped = Lk < kWideRow / 2 && red.n == 1 && red.stride[0] == Lk;
+  const int64_t G = grouped ? kWideRow / Lk : 1;    // rows per wide row
+  const int64_t Wd = G * Lk;                        // width of a (wide) row
+  const int64_t Nr = (N + G - 1) / G;               // (wide) rows to add
+  const int64_t W = std::min(Wd, kColChunk), CC = (Wd + W - 1) / W;
   int64_t RP = std::max<int64_t>(kLeafRows, kSumPart / W);
   RP = (RP + kLeafRows - 1) / kLeafRows * kLeafRows;
-  const int64_t P = (N + RP - 1) / RP;
-  // Partial rows per part, laid out [Mo][P][Lk] so each output row's parts form a strided matrix.
-  std::vector<Acc> parts(P > 1 ? size_t(Mo * P * Lk) : 0);
-  const int64_t tasks = Mo * CC * P;
-  const int64_t grain = std::max<int64_t>(1, kGrain / (W * std::min(N, RP)));
+  const int64_t P = (Nr + RP - 1) / RP;
+  const bool packed = CC == 1 && red.n == 1 && red.stride[0] * G == Wd;  // rows back to back
 
-  pool.parallel_for(tasks, grain, [&](int64_t t0, int64_t t1) {
+  // Sums of (wide) rows for columns [c0, c0 + w) of the output row mo: fold the G sub-rows, store.
+  auto finish = [&](const Acc* v, int64_t mo, int64_t c0, int64_t w) {
+    if (G == 1) return Ops::store(L, t, v, out.data, mo * Lk + c0, w);
+    Acc folded[kWideRow];
+    for (int64_t c = 0; c < Lk; ++c) {
+      typename Ops::Scalar acc;
+      for (int64_t g = 0; g < G; ++g) acc.push(v[g * Lk + c]);
+      folded[c] = acc.total();
+    }
+    Ops::store(L, t, folded, out.data, mo * Lk, Lk);
+  };
+
+  // Partial rows per part, laid out [Mo][P][Wd].
+  std::vector<Acc> parts(P > 1 ? size_t(Mo * P * Wd) : 0);
+  const int64_t grain = std::max<int64_t>(1, kGrain / (W * std::min(Nr, RP)));
+  pool.parallel_for(Mo * P * CC, grain, [&](int64_t t0, int64_t t1) {
     typename Ops::Rows rows(W);
     std::vector<Acc> result(static_cast<size_t>(W));
-    float buf[kBlock];
+    std::vector<float> buf(static_cast<size_t>(4 * kBlock));
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t p = task % P, cc = (task / P) % CC, mo = task / (P * CC);
-      const int64_t c0 = cc * W, w = std::min(W, Lk - c0);
-      const int64_t r0 = p * RP, r1 = std::min(N, r0 + RP);
+      const int64_t cc = task % CC, p = (task / CC) % P, mo = task / (CC * P);
+      const int64_t c0 = cc * W, w = std::min(W, Wd - c0);
+      const int64_t r0 = p * RP, r1 = std::min(Nr, r0 + RP);
       const int64_t base = kept.offset(mo, kept.n - 1) + c0;
-      rows.reset(L, w);
-      Odometer r(red, red.n, r0);
-      Acc* leaf = nullptr;
-      int64_t in_leaf = 0;
-      for (int64_t i = r0; i < r1; ++i, r.next()) {
-        if (!leaf) leaf = rows.leaf();
-        Ops::add_row(L, t, byte_ptr(x.data, t, base + r.off), w, leaf, buf);
-        if (++in_leaf == kLeafRows) {
-          rows.push(L, leaf);
-          leaf = nullptr;
-          in_leaf = 0;
+      rows.reset(w);
+      Odometer r(red, red.n, grouped ? 0 : r0);
+      // Leaves of up to kLeafRows rows. Rows far apart are added four at a time (one pass over
+      // the leaf per four rows, four memory streams in flight); packed rows are one sequential
+      // stream already, which four interleaved streams would only break up.
+      for (int64_t i = r0; i < r1;) {
+        Acc* leaf = rows.leaf();
+        const int64_t i_end = std::min(r1, i + kLeafRows);
+        while (i < i_end) {
+          const void* row[4];
+          int64_t width[4], nq = 0;
+          for (; nq < 4 && i < i_end; ++nq, ++i) {
+            if (grouped) {  // wide row i: rows [i G, min(N, (i + 1) G)), contiguous
+              width[nq] = (std::min(N, (i + 1) * G) - i * G) * Lk;
+              row[nq] = byte_ptr(x.data, t, base + i * Wd);
+            } else {
+              width[nq] = w;
+              row[nq] = byte_ptr(x.data, t, base + r.off);
+              r.next();
+            }
+          }
+          if (!packed && nq == 4 && width[3] == w) {
+            Ops::add_rows4(L, t, row, w, leaf, buf.data());
+          } else {
+            for (int64_t q = 0; q < nq; ++q) Ops::add_row(L, t, row[q], width[q], leaf, buf.data());
+          }
         }
+        rows.push(L, leaf);
       }
-      if (leaf) rows.push(L, leaf);
       if (P == 1) {
         rows.total(L, result.data());
-        Ops::store(L, t, result.data(), out.data, mo * Lk + c0, w);
+        finish(result.data(), mo, c0, w);
       } else {
-        rows.total(L, parts.data() + (mo * P + p) * Lk + c0);
+        rows.total(L, parts.data() + (mo * P + p) * Wd + c0);
       }
     }
   });
@@ -1209,13 +1352,13 @@ void sum_rows(Level L, const TensorView& x, const DimList& kept, const DimList& 
     std::vector<Acc> result(static_cast<size_t>(W));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t cc = task % CC, mo = task / CC;
-      const int64_t c0 = cc * W, w = std::min(W, Lk - c0);
-      rows.reset(L, w);
+      const int64_t c0 = cc * W, w = std::min(W, Wd - c0);
+      rows.reset(w);
       Acc* leaf = nullptr;
       int64_t in_leaf = 0;
       for (int64_t p = 0; p < P; ++p) {
         if (!leaf) leaf = rows.leaf();
-        Ops::add_acc(L, leaf, parts.data() + (mo * P + p) * Lk + c0, w);
+        Ops::add_acc(L, leaf, parts.data() + (mo * P + p) * Wd + c0, w);
         if (++in_leaf == kLeafRows) {
           rows.push(L, leaf);
           leaf = nullptr;
@@ -1224,7 +1367,7 @@ void sum_rows(Level L, const TensorView& x, const DimList& kept, const DimList& 
       }
       if (leaf) rows.push(L, leaf);
       rows.total(L, result.data());
-      Ops::store(L, t, result.data(), out.data, mo * Lk + c0, w);
+      finish(result.data(), mo, c0, w);
     }
   });
 }

@@ -137,6 +137,15 @@ constexpr int64_t kAccBudgetBytes = int64_t(4) << 20;
 // nc for bf16 output with several K blocks: a narrower B block lets a row super-block be taller.
 constexpr int64_t kAccNc = 1024;
 
+// The block size for `total` items in blocks of at most `block` (a multiple of `unit`) with all
+// blocks nearly equal: K = 1025 in blocks of 1024 would otherwise spend a whole pass over C (and a
+// B and A packing) on a single k.
+int64_t balanced(int64_t total, int64_t block, int64_t unit) {
+  const int64_t nblk = (total + block - 1) / block;
+  const int64_t b = (total + nblk - 1) / nblk;
+  return std::min(block, (b + unit - 1) / unit * unit);
+}
+
 // ---- kernel families ------------------------------------------------------------------------------
 
 struct Families {
@@ -270,13 +279,14 @@ void run_blocked(const Plan& pl, const Operands& op, int tid, int64_t& step) {
   for (int64_t ms = 0; ms < M; ms += pl.rows_per_pass) {
     const int64_t mlen = std::min(pl.rows_per_pass, M - ms), mb = (mlen + MR - 1) / MR;
     const int64_t m0 = ms + MR * (mb * im / pl.tm), m1 = std::min(ms + mlen, ms + MR * (mb * (im + 1) / pl.tm));
+    const int64_t mc = m1 > m0 ? balanced(m1 - m0, pl.mc, MR) : pl.mc;
     for (int64_t jc = 0; jc < N; jc += pl.nc) {
       const int64_t ncur = std::min(pl.nc, N - jc), nbp = (ncur + NR - 1) / NR;
       const int64_t jp0 = nbp * in / pl.tn, jp1 = nbp * (in + 1) / pl.tn;  // this thread's B panels
       if (pl.c_bf16) {
         // Multi-block K keeps every row of the pass; a single block needs one mc x panels slab.
         ld_acc = (jp1 - jp0) * NR;
-        const int64_t rows = npc > 1 ? std::max<int64_t>(m1 - m0, 0) : pl.mc;
+        const int64_t rows = npc > 1 ? std::max<int64_t>(m1 - m0, 0) : mc;
         acc = static_cast<float*>(t_acc.get(size_t(std::max<int64_t>(rows * ld_acc, 1)) * 4));
       }
       for (int64_t pc = 0; pc < K; pc += pl.kc) {
@@ -290,8 +300,8 @@ void run_blocked(const Plan& pl, const Operands& op, int tid, int64_t& step) {
         if (q1 > q0) ks.pack(op.b, jc + q0 * NR, std::min(ncur, q1 * NR) - q0 * NR, pc, kcur, NR, bbuf + q0 * bpanel);
         if (pl.nt > 1) pl.barrier->wait();
 
-        for (int64_t ic = m0; ic < m1; ic += pl.mc) {
-          const int64_t mcur = std::min(pl.mc, m1 - ic);
+        for (int64_t ic = m0; ic < m1; ic += mc) {
+          const int64_t mcur = std::min(mc, m1 - ic);
           ks.pack(op.a, ic, mcur, pc, kcur, MR, abuf);
           const int64_t apnl = panel_bytes(ks.fmt, kcur, MR);
           for (int64_t jp = jp0; jp < jp1; ++jp) {
@@ -391,9 +401,13 @@ void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
   Plan pl;
   pl.p = &p;
   pl.ks = &ks;
-  pl.kc = std::min<int64_t>(ks.kc, (p.K + 1) / 2 * 2);
+  int64_t kc = ks.kc, nc = ks.nc;
   pl.mc = ks.mc;
-  pl.nc = ks.nc;
+  if (getenv("TKKC")) kc = atoi(getenv("TKKC"));  // TUNING-ONLY
+  if (getenv("TKMC")) pl.mc = atoi(getenv("TKMC"));  // TUNING-ONLY
+  if (getenv("TKNC")) nc = atoi(getenv("TKNC"));  // TUNING-ONLY
+  pl.kc = balanced(p.K, kc, 2);  // even: bf16 pairs never straddle two K blocks
+  pl.nc = balanced(p.N, nc, ks.nr);
   pl.c_bf16 = p.c_dtype == DType::BF16;
   pl.rows_per_pass = p.M;
 
@@ -422,7 +436,7 @@ void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
 
   int nt = int(std::min<double>(pool_threads, std::max(1.0, flops / kMinFlopsPerThread)));
   const int64_t mb = (p.M + ks.mr - 1) / ks.mr;
-  if (pl.c_bf16 && p.K > pl.kc) pl.nc = std::min<int64_t>(pl.nc, kAccNc);
+  if (pl.c_bf16 && p.K > pl.kc) pl.nc = balanced(p.N, std::min<int64_t>(nc, kAccNc), ks.nr);
   const int64_t nbp = (std::min(pl.nc, p.N) + ks.nr - 1) / ks.nr;
   nt = int(std::min<int64_t>(nt, mb * nbp));
   choose_grid(nt, mb, nbp, &pl.tm, &pl.tn);

@@ -99,11 +99,11 @@ void note_allocated(DeviceHeap& h, void* p, size_t size) {
   if (h.stats.allocated_bytes > h.stats.peak_allocated_bytes) h.stats.peak_allocated_bytes = h.stats.allocated_bytes;
 }
 
-// Waits for each stream that last used a block, then frees the blocks. Returns the first error
-// instead of throwing, so that every block is attempted.
+// Waits for each stream that last used a block, then frees the blocks. Returns the first CUDA
+// error of those calls instead of throwing, so that every block is attempted.
 cudaError_t free_blocks(int device, const std::map<cudaStream_t, std::multimap<size_t, void*>>& blocks) {
   cudaError_t first = cudaSuccess;
-  DeviceGuard guard(device);
+  make_current(device);
   for (const auto& per_stream : blocks) {
     if (per_stream.second.empty()) continue;
     cudaError_t e = cudaStreamSynchronize(per_stream.first);
@@ -140,7 +140,7 @@ void* allocate_on(int device, size_t bytes, cudaStream_t stream) {
       }
     }
   }
-  DeviceGuard guard(device);
+  make_current(device);
   void* p = nullptr;
   cudaError_t e = cudaMalloc(&p, size);
   if (e == cudaErrorMemoryAllocation) {
@@ -197,6 +197,7 @@ void release_on(int device, void* ptr, cudaStream_t stream) noexcept {
 }  // namespace detail
 
 void* allocate(int device, size_t bytes) {
+  detail::check_index(device, "allocate");
   return detail::allocate_on(device, bytes, detail::device_stream(device));
 }
 

@@ -79,9 +79,11 @@ void upload(Queue& q, void* dst, const void* host_src, size_t bytes);
 // Device -> host copy of `bytes` from `src` into `host_dst`, in queue order, without blocking the
 // caller (except, for copies larger than the staging pool, for earlier chunks of the same copy).
 // Once the bytes are in `host_dst`, `done` runs on a host thread of the queue that is neither the
-// caller's thread nor the JavaScript thread. If the device fails first, the error is deferred on
-// the queue (take_error() returns it) and `done` still runs. `done` must not call CUDA, enqueue
-// work, upload, download or synchronize.
+// caller's thread nor the JavaScript thread. Throws only for bad arguments, before anything is
+// issued; any later failure (issuing the copy, or the device failing first) is deferred on the
+// queue (take_error() returns it) and `done` still runs, exactly once, so `host_dst` must stay
+// valid until `done` runs. `done` must not call CUDA, enqueue work, upload, download or
+// synchronize.
 void download(Queue& q, const void* src, void* host_dst, size_t bytes, std::function<void()> done);
 
 }  // namespace cuda

@@ -1,4 +1,4 @@
-// What the CUDA backend's own translation units share: the device guard, the per-device stream
+// What the CUDA backend's own translation units share: device selection, the per-device stream
 // registry, the allocator's stream-aware entry points and the CudaQueue class (runtime.cu's
 // transfers need its stream and host thread). Kernels need none of this: they use device.h
 // (stream_of, allocate, Queue::release) and check.cuh (CUDA_CHECK).
@@ -30,25 +30,17 @@
 namespace tk {
 namespace cuda {
 
-// Makes `device` current for a scope and restores the caller's device afterwards, so that
-// tunekit never changes the current device of a thread that other CUDA code (another addon, a
-// user's library) also runs on.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device_) CUDA_CHECK(cudaSetDevice(device_));
-  }
-  ~DeviceGuard() {
-    if (prev_ != device_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int prev_ = 0;
-};
+// Makes `device` current on the calling thread and leaves it current. Restoring the previous
+// device afterwards would look tidier but does harm: on a thread that never chose a device the
+// "previous" one is the default, device 0, and since CUDA 12 cudaSetDevice creates the primary
+// context of the device it selects, so restoring would allocate a context (hundreds of MiB) on
+// device 0 of a machine where only another device is in use. Other CUDA code sharing a thread with
+// tunekit must select its device itself, as it must next to any CUDA library.
+inline void make_current(int device) {
+  int current = -1;
+  CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) CUDA_CHECK(cudaSetDevice(device));
+}
 
 namespace detail {
 
@@ -90,8 +82,9 @@ class CudaQueue final : public Queue {
   // Records an event on the stream now and, once the device has passed it, runs fn(ok) on this
   // queue's host thread. ok is false when the device reported an error instead; the error has
   // then been deferred on this queue, so fn can pass it on through take_error(). fn runs either
-  // way, so nothing that waits on it can hang after a kernel fault. Throws (and never runs fn)
-  // when the event cannot be recorded.
+  // way, so nothing that waits on it can hang after a kernel fault. Never throws: when the event
+  // cannot even be recorded (the context has failed), that error is deferred and fn runs with
+  // ok = false after the jobs before it.
   void when_reached(std::function<void(bool ok)> fn);
 
   // Queue::record_error for the backend's own code.
@@ -103,7 +96,7 @@ class CudaQueue final : public Queue {
     std::function<void(bool)> fn;
   };
   void host_loop();
-  cudaEvent_t take_event_locked();
+  cudaError_t take_event_locked(cudaEvent_t* ev);
 
   int index_;
   cudaStream_t stream_;

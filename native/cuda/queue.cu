@@ -40,11 +40,13 @@ namespace {
 // Exists only to ask the driver whether this build carries code for a device (see check_arch).
 __global__ void arch_probe_kernel() {}
 
-// Fails at queue creation, with the fix, when the binary has no kernel code for the device's
-// architecture (a cubin for sm_80 runs on 8.x, one for sm_90a only on 9.0; nothing here runs on
-// 10.x or on 7.x). Without this check the first op would fail with "no kernel image".
+// Fails at queue creation, with the fix, when the binary has no kernel code the device can run: a
+// cubin for sm_80 runs on 8.x, one for sm_90a only on 9.0, and newer architectures run only what
+// the driver can JIT from embedded PTX (CMake embeds compute_80 PTX for the arch "80"; the arch-
+// specific compute_90a PTX runs on 9.0 alone). Without this check the first op would fail with
+// "no kernel image" deep inside some kernel.
 void check_arch(int index) {
-  DeviceGuard guard(index);
+  make_current(index);
   cudaFuncAttributes attr;
   cudaError_t e = cudaFuncGetAttributes(&attr, arch_probe_kernel);
   if (e == cudaSuccess) return;
@@ -73,7 +75,7 @@ cudaStream_t device_stream(int device) {
   std::lock_guard<std::mutex> lk(*mu);
   cudaStream_t& s = (*streams)[size_t(device)];
   if (!s) {
-    DeviceGuard guard(device);
+    make_current(device);
     cudaStream_t created = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking));
     s = created;
@@ -98,17 +100,15 @@ CudaQueue::~CudaQueue() {
   }
   host_cv_.notify_all();
   host_thread_.join();  // runs what is left first: a pending read still completes
-  int prev = 0;
-  bool switched = cudaGetDevice(&prev) == cudaSuccess && prev != index_ && cudaSetDevice(index_) == cudaSuccess;
+  // Errors are ignored: a destructor cannot report them, and a failed context frees its events.
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-  if (switched) cudaSetDevice(prev);
   cudaGetLastError();
 }
 
 void CudaQueue::enqueue(std::function<void()> task) {
   std::lock_guard<std::recursive_mutex> lk(task_mu_);
   try {
-    DeviceGuard guard(index_);
+    make_current(index_);
     task();
   } catch (const std::exception& e) {
     record_error(e.what());
@@ -123,29 +123,39 @@ void CudaQueue::enqueue(std::function<void()> task) {
     record_error("cuda:" + std::to_string(index_) + ": a kernel launch failed: " + error_text(e) + sticky_hint(e));
 }
 
-cudaEvent_t CudaQueue::take_event_locked() {
+cudaError_t CudaQueue::take_event_locked(cudaEvent_t* ev) {
   if (!free_events_.empty()) {
-    cudaEvent_t e = free_events_.back();
+    *ev = free_events_.back();
     free_events_.pop_back();
-    return e;
+    return cudaSuccess;
   }
-  cudaEvent_t e = nullptr;
-  CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync));
-  return e;
+  return cudaEventCreateWithFlags(ev, cudaEventDisableTiming | cudaEventBlockingSync);
 }
 
 void CudaQueue::when_reached(std::function<void(bool ok)> fn) {
-  DeviceGuard guard(index_);
+  // Not make_current(): it throws, and this must not (see the declaration). A failure to select the
+  // device shows up as a failure to create or record the event, handled below.
+  int current = -1;
+  if ((cudaGetDevice(&current) != cudaSuccess || current != index_) && cudaSetDevice(index_) != cudaSuccess)
+    cudaGetLastError();
   {
     // Record and append under one lock, so that the job list is in stream order even when several
     // threads issue at once: the host thread waits on the jobs front to back.
-    std::unique_lock<std::mutex> lk(host_mu_);
-    cudaEvent_t ev = take_event_locked();
-    cudaError_t e = cudaEventRecord(ev, stream_);
+    std::lock_guard<std::mutex> lk(host_mu_);
+    cudaEvent_t ev = nullptr;
+    cudaError_t e = take_event_locked(&ev);
+    if (e == cudaSuccess) {
+      e = cudaEventRecord(ev, stream_);
+      if (e != cudaSuccess) {
+        free_events_.push_back(ev);
+        ev = nullptr;
+      }
+    }
     if (e != cudaSuccess) {
-      free_events_.push_back(ev);
-      lk.unlock();
-      throw_error(e, "cudaEventRecord", __FILE__, __LINE__);
+      // The context has failed (or the device is gone). Report it like an asynchronous failure
+      // and still run fn, in order, so that whoever waits on it is told instead of left waiting.
+      cudaGetLastError();
+      record_error(detail::async_error(index_, e));
     }
     jobs_.push_back(HostJob{ev, std::move(fn)});
   }
@@ -157,6 +167,11 @@ void CudaQueue::host_callback(std::function<void()> fn) {
 }
 
 void CudaQueue::host_loop() {
+  // Bind the thread to this queue's device before its first CUDA call: otherwise the runtime
+  // would make device 0 current and create a context there (hundreds of MiB of device memory) on
+  // a machine where only another device is used. The context exists already (make_queue), so this
+  // cannot fail in a way the event waits below would not report.
+  if (cudaSetDevice(index_) != cudaSuccess) cudaGetLastError();
   for (;;) {
     HostJob job;
     {
@@ -171,13 +186,18 @@ void CudaQueue::host_loop() {
       jobs_.pop_front();
       host_busy_ = true;
     }
-    cudaError_t e = cudaEventSynchronize(job.event);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      record_error(detail::async_error(index_, e));
+    // No event: when_reached could not record one and has deferred the error already.
+    bool ok = job.event != nullptr;
+    if (ok) {
+      cudaError_t e = cudaEventSynchronize(job.event);
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        record_error(detail::async_error(index_, e));
+        ok = false;
+      }
     }
     try {
-      job.fn(e == cudaSuccess);
+      job.fn(ok);
     } catch (const std::exception& x) {
       record_error(x.what());
     } catch (...) {
@@ -186,17 +206,16 @@ void CudaQueue::host_loop() {
     // Destroy the callback's captures (tensor storage whose release reaches the allocator) here,
     // outside host_mu_.
     job.fn = nullptr;
-    std::lock_guard<std::mutex> lk(host_mu_);
-    free_events_.push_back(job.event);
+    if (job.event) {
+      std::lock_guard<std::mutex> lk(host_mu_);
+      free_events_.push_back(job.event);
+    }
   }
 }
 
 void CudaQueue::synchronize() {
-  cudaError_t e;
-  {
-    DeviceGuard guard(index_);
-    e = cudaStreamSynchronize(stream_);
-  }
+  make_current(index_);
+  cudaError_t e = cudaStreamSynchronize(stream_);
   if (e != cudaSuccess) {
     cudaGetLastError();
     record_error(detail::async_error(index_, e));

@@ -276,7 +276,7 @@ void upload(Queue& q, void* dst, const void* host_src, size_t bytes) {
   if (bytes == 0) return;
   TK_CHECK(dst && host_src, "upload: null pointer for a copy of ", bytes, " bytes to cuda:", cq.index());
   StagingPool& pool = staging(cq.index());
-  DeviceGuard guard(cq.index());
+  make_current(cq.index());
   std::lock_guard<std::mutex> lk(pool.issue_mu);
   const char* src = static_cast<const char*>(host_src);
   char* out = static_cast<char*>(dst);
@@ -293,41 +293,54 @@ void upload(Queue& q, void* dst, const void* host_src, size_t bytes) {
 
 void download(Queue& q, const void* src, void* host_dst, size_t bytes, std::function<void()> done) {
   CudaQueue& cq = as_cuda(q, "download");
+  TK_CHECK(bytes == 0 || (src && host_dst), "download: null pointer for a copy of ", bytes, " bytes from cuda:",
+           cq.index());
   auto finish = std::make_shared<std::function<void()>>(std::move(done));
+  auto run_finish = [finish](bool) {
+    if (*finish) (*finish)();
+  };
   if (bytes == 0) {
     // Still in queue order: `done` reports the errors of the work before it, as a read would.
-    cq.when_reached([finish](bool) {
-      if (*finish) (*finish)();
-    });
+    cq.when_reached(run_finish);
     return;
   }
-  TK_CHECK(src && host_dst, "download: null pointer for a copy of ", bytes, " bytes from cuda:", cq.index());
+  // From here on the read is under way and `done` runs exactly once, failure or not: chunks
+  // already issued still write into host_dst, which the caller keeps alive until `done`, so a
+  // failure cannot be thrown back (the caller would free host_dst under those writes). It is
+  // deferred on the queue instead, where `done` finds it through take_error().
   StagingPool& pool = staging(cq.index());
-  DeviceGuard guard(cq.index());
-  std::lock_guard<std::mutex> lk(pool.issue_mu);
-  const char* in = static_cast<const char*>(src);
-  char* out = static_cast<char*>(host_dst);
-  for (size_t off = 0; off < bytes;) {
-    size_t n = std::min(kChunk, bytes - off);
-    bool last = off + n == bytes;
-    StagingBuffer* buf = nullptr;
-    char* region = pool.reserve(n, buf);
-    CUDA_CHECK(cudaMemcpyAsync(region, in + off, n, cudaMemcpyDeviceToHost, cq.stream()));
-    pool.copied(buf, cq.stream());
-    pool.add_reader(buf);
-    try {
-      // Chunks complete front to back on the queue's host thread, so when the last chunk's
-      // callback runs every byte is in host_dst.
-      cq.when_reached([&pool, buf, region, dst = out + off, n, fin = last ? finish : nullptr](bool ok) {
-        if (ok) std::memcpy(dst, region, n);
+  bool done_queued = false;
+  try {
+    make_current(cq.index());
+    std::lock_guard<std::mutex> lk(pool.issue_mu);
+    const char* in = static_cast<const char*>(src);
+    char* out = static_cast<char*>(host_dst);
+    for (size_t off = 0; off < bytes;) {
+      size_t n = std::min(kChunk, bytes - off);
+      bool last = off + n == bytes;
+      StagingBuffer* buf = nullptr;
+      char* region = pool.reserve(n, buf);
+      CUDA_CHECK(cudaMemcpyAsync(region, in + off, n, cudaMemcpyDeviceToHost, cq.stream()));
+      pool.copied(buf, cq.stream());
+      pool.add_reader(buf);
+      try {
+        // Chunks complete front to back on the queue's host thread, so when the last chunk's
+        // callback runs every byte is in host_dst.
+        cq.when_reached([&pool, buf, region, dst = out + off, n, fin = last ? finish : nullptr](bool ok) {
+          if (ok) std::memcpy(dst, region, n);
+          pool.drop_reader(buf);
+          if (fin && *fin) (*fin)();
+        });
+      } catch (...) {
         pool.drop_reader(buf);
-        if (fin && *fin) (*fin)();
-      });
-    } catch (...) {
-      pool.drop_reader(buf);
-      throw;
+        throw;
+      }
+      done_queued = last;
+      off += n;
     }
-    off += n;
+  } catch (const std::exception& e) {
+    cq.defer_error(std::string("reading from cuda:") + std::to_string(cq.index()) + ": " + e.what());
+    if (!done_queued) cq.when_reached(run_finish);
   }
 }
 

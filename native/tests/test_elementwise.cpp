@@ -393,6 +393,16 @@ TK_TEST(ew_sum_large_and_split) {
       randomize(x, 14);
       run_sum(ctx, x.view(), c.mask, shape_str(c.s));
     }
+  // Broadcast inputs (stride-0 dims) are summed like materialized ones.
+  for (DType t : {DType::F32, DType::F16}) {
+    Buf col({97, 1}, t), row({257}, t);
+    randomize(col, 22);
+    randomize(row, 23);
+    for (uint32_t mask = 1; mask < 4; ++mask) {
+      run_sum(ctx, expanded(col.view(), {97, 257}), mask, "[97, 1] expanded to [97, 257]");
+      run_sum(ctx, expanded(row.view(), {97, 257}), mask, "[257] expanded to [97, 257]");
+    }
+  }
 }
 
 TK_TEST(ew_sum_thread_count_invariant) {
@@ -402,7 +412,8 @@ TK_TEST(ew_sum_thread_count_invariant) {
   struct Case {
     Shape s;
     uint32_t mask;
-  } cases[] = {{{4100, 1025}, 1}, {{3, 300007}, 2}, {{1025 * 1025}, 1}, {{97, 1025, 3}, 5}};
+  } cases[] = {{{4100, 1025}, 1}, {{3, 300007}, 2}, {{1025 * 1025}, 1}, {{97, 1025, 3}, 5},
+               {{70001, 3}, 1},  {{300, 5001}, 1},   {{1025, 7}, 2}};
   for (const Case& c : cases) {
     Buf x(c.s, DType::F32);
     randomize(x, 15);
