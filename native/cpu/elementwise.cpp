@@ -39,9 +39,10 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define TK_EW_X86 1
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* helpers.
+// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -235,6 +236,27 @@ TK_AVX2 void narrow_avx2(DType t, const float* s, uint16_t* d, int64_t n) {
   narrow_scalar(t, s + i, d + i, n - i);
 }
 
+// dst rows [0, 8) = columns of the 8 x 8 block of 4-byte elements at src (row strides in elements).
+TK_AVX2 void transpose8x8_avx2(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ss);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ds, t[i]);
+}
+
 // ---- AVX-512 (masked tails) ----------------------------------------------------------------------
 
 TK_AVX512 inline __mmask16 tail_mask(int64_t r) { return __mmask16((1u << r) - 1u); }
@@ -363,6 +385,33 @@ TK_AVX512 void narrow_avx512(DType t, const float* s, uint16_t* d, int64_t n) {
       _mm256_mask_storeu_epi16(d + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, s + i), kRne));
     }
   }
+}
+// dst rows [0, 16) = columns of the 16 x 16 block of 4-byte elements at src (row strides in
+// elements): 16 line loads, 64 shuffles, 16 line stores.
+TK_AVX512 void transpose16x16_avx512(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 8; ++i) {  // interleave pairs of rows: 2 x 2 blocks
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 4 x 4 blocks within each 128-bit lane
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {  // then whole 128-bit lanes across rows 4 apart ...
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {  // ... and 8 apart
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, r[i]);
 }
 #endif  // TK_EW_X86
 
@@ -765,8 +814,9 @@ namespace {
 // in a 16 KB buffer: a tile reads kTileK contiguous source elements from each of its rows, long
 // enough runs for the prefetchers to follow, and writes exactly one whole line per destination
 // row. (Square 32 x 32 tiles measured 2x slower: 128-byte source runs leave DRAM latency exposed,
-// and a buffer filling L1 evicts the lines being streamed.) Tasks are strips of tiles:
-// kTileK x kStripL elements sharing one outer index.
+// and a buffer filling L1 evicts the lines being streamed.) Plain 4-byte moves skip the buffer
+// and transpose 16 x 16 (AVX-512) or 8 x 8 (AVX2) blocks in registers, another 2x. Tasks are
+// strips of tiles: kTileK x kStripL elements sharing one outer index.
 struct TransposePlan {
   int nd = 0, k = 0;
   int64_t shape[kMaxDims] = {};
@@ -777,7 +827,7 @@ struct TransposePlan {
 
 // Strips [t0, t1), numbered (outer index, strip along k, strip along the last dim).
 template <class S, class D>
-void transpose_strips(const TransposePlan& p, const S* src, D* dst, int64_t t0, int64_t t1) {
+void transpose_strips(Level L, const TransposePlan& p, const S* src, D* dst, int64_t t0, int64_t t1) {
   constexpr int64_t kLineL = 64 / int64_t(sizeof(D));  // one destination cache line
   const int last = p.nd - 1;
   const int64_t sl = p.sst[last], dk = p.dst[p.k];
@@ -797,11 +847,27 @@ void transpose_strips(const TransposePlan& p, const S* src, D* dst, int64_t t0, 
     const int64_t l_end = std::min(p.shape[last], (sl_idx + 1) * kStripL);
     for (int64_t l0 = sl_idx * kStripL; l0 < l_end; l0 += kLineL) {
       const int64_t nl = std::min(kLineL, l_end - l0);
+      int64_t kb = 0;  // columns [0, kb) done by the register transpose
+#if TK_EW_X86
+      if constexpr (std::is_same<S, D>::value && sizeof(S) == 4) {  // a plain 4-byte move
+        const float* s = reinterpret_cast<const float*>(src + soff + l0 * sl + k0);
+        float* d = reinterpret_cast<float*>(dst + doff + k0 * dk + l0);
+        if (L == Level::Avx512 && nl == 16) {
+          for (; kb + 16 <= nk; kb += 16) transpose16x16_avx512(s + kb, sl, d + kb * dk, dk);
+        } else if (L == Level::Avx2 && nl == 16) {
+          for (; kb + 8 <= nk; kb += 8) {
+            transpose8x8_avx2(s + kb, sl, d + kb * dk, dk);
+            transpose8x8_avx2(s + 8 * sl + kb, sl, d + kb * dk + 8, dk);
+          }
+        }
+      }
+#endif
+      if (kb == nk) continue;
       for (int64_t j = 0; j < nl; ++j) {
         const S* s = src + soff + (l0 + j) * sl + k0;
-        for (int64_t i = 0; i < nk; ++i) tile[j][i] = convert<S, D>(s[i]);
+        for (int64_t i = kb; i < nk; ++i) tile[j][i] = convert<S, D>(s[i]);
       }
-      for (int64_t i = 0; i < nk; ++i) {
+      for (int64_t i = kb; i < nk; ++i) {
         D* d = dst + doff + (k0 + i) * dk + l0;
         for (int64_t j = 0; j < nl; ++j) d[j] = tile[j][i];
       }
@@ -859,7 +925,7 @@ void copy_cpu(const TensorView& src, const TensorView& dst, ThreadPool& pool) {
       with_type(dt, [&](auto d) {
         using D = decltype(d);
         pool.parallel_for(strips, std::max<int64_t>(1, kGrain / per_strip), [&](int64_t t0, int64_t t1) {
-          transpose_strips<S, D>(p, src.ptr<S>(), dst.ptr<D>(), t0, t1);
+          transpose_strips<S, D>(L, p, src.ptr<S>(), dst.ptr<D>(), t0, t1);
         });
       });
     });

@@ -133,7 +133,12 @@ constexpr double kMinFlopsPerThread = 1.0e6;
 // Matrices below this many FLOPs run one per thread when the batch can feed every thread.
 constexpr double kBatchParallelFlops = 2.0 * 192 * 192 * 192;
 // The bf16-output fp32 accumulator may take this much per thread when K spans several blocks.
-constexpr int64_t kAccBudgetBytes = int64_t(4) << 20;
+// Defining TK_GEMM_ACC_BUDGET_BYTES small at build time drives test-sized problems through the
+// multi-pass (row super-block) path.
+#ifndef TK_GEMM_ACC_BUDGET_BYTES
+#define TK_GEMM_ACC_BUDGET_BYTES (int64_t(4) << 20)
+#endif
+constexpr int64_t kAccBudgetBytes = TK_GEMM_ACC_BUDGET_BYTES;
 // nc for bf16 output with several K blocks: a narrower B block lets a row super-block be taller.
 constexpr int64_t kAccNc = 1024;
 

@@ -15,8 +15,9 @@ CpuIsa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned a, b, c, d;
   if (!__get_cpuid_count(1, 0, &a, &b, &c, &d)) return CpuIsa::Portable;
-  bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
-  if (!(osxsave && avx && fma)) return CpuIsa::Portable;
+  // The AVX2 level also uses FMA and F16C (half-precision conversions).
+  bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!(osxsave && avx && fma && f16c)) return CpuIsa::Portable;
   unsigned xlo, xhi;
   __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
   bool ymm_state = (xlo & 0x6) == 0x6;
