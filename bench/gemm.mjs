@@ -30,7 +30,10 @@ export function torchPython() {
 function torchTimes(cases, threads) {
   const python = torchPython();
   if (!python) return { missing: 'no python3 imports torch (apt-get install python3-torch, or set TUNEKIT_PYTHON)' };
-  const r = spawnSync(python, [join(here, 'torch_matmul.py'), String(threads)], {
+  // torch.set_num_threads governs its own pool; BLAS libraries read their own variables.
+  const n = String(threads);
+  const r = spawnSync(python, [join(here, 'torch_matmul.py'), n], {
+    env: { ...process.env, OMP_NUM_THREADS: n, OPENBLAS_NUM_THREADS: n, MKL_NUM_THREADS: n },
     input: JSON.stringify(cases),
     encoding: 'utf8',
     maxBuffer: 1 << 20,
@@ -79,7 +82,7 @@ export async function benchGemm({ peak, quick = false }) {
     };
   });
   console.log(`\nGEMM, ${threads} threads, ISA ${tk.info().cpu.isa}${tk.info().cpu.bf16 ? '+bf16' : ''}` +
-    (torch.torch ? `; PyTorch ${torch.torch} with ${torch.threads} threads` : `; PyTorch: ${torch.missing}`));
+    (torch.torch ? `; PyTorch ${torch.torch} (BLAS_INFO=${torch.blas}) with ${torch.threads} threads` : `; PyTorch: ${torch.missing}`));
   console.table(rows);
   return rows;
 }
