@@ -31,10 +31,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
-#include <memory>
+#include <cstdint>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "gemm_internal.h"
 
@@ -138,8 +138,11 @@ constexpr int64_t kTinyMacs = 4096;
 // A thread must get at least this many FLOPs to be worth waking: on Zen 4 two threads break even
 // with one near 100^3 (~2 MFLOP) and win clearly from 128^3.
 constexpr double kMinFlopsPerThread = 1.5e6;
-// Matrices below this many FLOPs run whole, one per thread, when the batch has several.
+// Matrices below this many FLOPs run whole, one per thread, when the batch has several; below the
+// second bound too when the batch divides evenly among the threads (then nothing is lost to
+// imbalance, and whole matrices per thread need no barrier and share no cache lines).
 constexpr double kBatchParallelFlops = 2.0 * 192 * 192 * 192;
+constexpr double kBatchEvenFlops = 2.0 * 512 * 512 * 512;
 // The bf16-output fp32 accumulator (K spanning several blocks) may take this much per thread.
 // Defining TK_GEMM_ACC_BUDGET_BYTES small at build time drives test-sized problems through the
 // multi-pass (row super-block) path.
@@ -368,7 +371,8 @@ void run_blocked(const Plan& pl, const Operands& op, int tid, int slot, int64_t&
         const int64_t kcur = std::min(pl.kc, K - pc);
         const bool first = pc == 0, last = pc + kcur == K;
         const int64_t bpanel = panel_bytes(ks.fmt, kcur, NR), apanel = panel_bytes(ks.fmt, kcur, MR);
-        char* const bbuf = static_cast<char*>(pl.private_b ? pl.scratch->bpack0[size_t(slot)].get(0) : pl.bbuf[step & 1]);
+        void* const bblock = pl.private_b ? pl.scratch->bpack0[size_t(slot)].get(0) : pl.bbuf[step & 1];
+        char* const bbuf = static_cast<char*>(bblock);
         const int par = int(step & 1);
         ++step;
 
@@ -500,7 +504,8 @@ void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
 
   // Whole small matrices per thread when the batch can feed the pool: no barriers, no shared B.
   // C must not be broadcast (batch stride 0) or threads would race on it.
-  const bool batch_parallel = p.batch > 1 && p.batch_stride_c != 0 && flops < kBatchParallelFlops;
+  const bool batch_parallel = p.batch > 1 && p.batch_stride_c != 0 &&
+                              (flops < kBatchParallelFlops || (p.batch % pool_threads == 0 && flops < kBatchEvenFlops));
   int nt = int(std::min<double>(pool_threads, std::max(1.0, flops * (batch_parallel ? double(p.batch) : 1.0) /
                                                                  kMinFlopsPerThread)));
   if (batch_parallel) nt = int(std::min<int64_t>(nt, p.batch));
@@ -521,7 +526,9 @@ void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
   TeamScratch& ts = t_team;
   ts.size_for(nt);
   pl.scratch = &ts;
-  pl.private_b = team > 1 && bblock <= kPrivateBBytes;
+  // Not with the shared accumulator: without the barrier a thread could start on rows of it that
+  // another thread has yet to round out of the previous pass or column block.
+  pl.private_b = team > 1 && bblock <= kPrivateBBytes && !(pl.c_bf16 && multi_k);
   for (int t = 0; t < nt; ++t) {
     ts.apack[size_t(t)].get(size_t(ablock));
     if (pl.c_bf16) ts.acc[size_t(t)].get(size_t(multi_k && batch_parallel ? acc_pass : pl.mc * NR * 4));

@@ -77,7 +77,8 @@ TK_AVX2 void tile_f32(int64_t kc, const float* __restrict a, const float* __rest
 }
 
 using TileFn = decltype(&tile_f32<1>);
-constexpr TileFn kTiles[] = {nullptr, &tile_f32<1>, &tile_f32<2>, &tile_f32<3>, &tile_f32<4>, &tile_f32<5>, &tile_f32<6>};
+constexpr TileFn kTiles[] = {nullptr,      &tile_f32<1>, &tile_f32<2>, &tile_f32<3>,
+                             &tile_f32<4>, &tile_f32<5>, &tile_f32<6>};
 
 void kernel_f32(int64_t kc, const void* ap, const void* bp, float* c, int64_t ldc, int m, int n, float alpha,
                 float beta) {

@@ -1,11 +1,12 @@
 // AVX-512 GEMM micro-kernels: fp32 FMA and AVX512-BF16 (vdpbf16ps), plus the packers they use.
 //
 // Register tile 14 x 32 for both: 28 zmm accumulators + 2 zmm of B = 30 of the 32 registers; A values
-// come straight from memory as embedded/broadcast loads, so no register holds them. One k step is
-// 2 vector loads + 14 broadcasts for 28 FMAs: the loads stay far below the two load ports while
-// the FMA pipe is kept busy, and 28 independent chains cover the FMA latency (4-6 cycles) times its
-// throughput many times over. NR = 32 (two vectors) rather than 48 keeps the B panel of a deep
-// K block small enough for L1 and lets 14 rows of A share each B load.
+// come straight from memory as broadcast loads, so no register holds them. One k step is 2 vector
+// loads + 14 broadcasts for 28 FMAs: the loads stay well below the load ports' rate while the FMA
+// pipes stay busy, and 28 independent chains cover FMA latency x throughput (4 x 1 zmm per cycle
+// on Zen 4, 4 x 2 on Intel server cores) several times over. Measured on Zen 4 with the panels in
+// cache, the kernel alone runs at the FMA peak the probe measures: ~114 GFLOP/s per core for fp32
+// and ~226-231 of ~233 for bf16.
 //
 // The bf16 kernel has the same shape: each lane of a B vector holds a (k, k+1) pair of one column,
 // each broadcast 32-bit word a (k, k+1) pair of one row, so one vdpbf16ps does 16 columns x 2 k of
@@ -332,8 +333,9 @@ bool kernels_avx512_f32(KernelSet* ks) {
   // A panels stream from L2/L3 well enough at this tile size (the kernel alone runs at FMA peak
   // with its panels in L2), so what is left to win is the C traffic: every K block reads and
   // writes the C tile once, and kc = 1024 cuts that to a few percent (256 -> 1024 took one core
-  // from ~93 to ~108 GFLOP/s at 2048^3). mc = 280 keeps the A block (1.1 MiB) mostly in L2,
-  // nc = 2048 bounds the shared B block at 8 MiB (L3) while A is repacked only every 2048 columns.
+  // from ~93 to ~108 GFLOP/s at 2048^3). mc = 280 caps a row chunk's A block at 1.1 MiB (140 to
+  // 560 measured alike: A streams from L2/L3 too); nc = 2048 bounds the shared B block at 8 MiB
+  // (L3) while A is repacked only every 2048 columns.
   ks->kc = 1024;
   ks->mc = 14 * 20;
   ks->nc = 2048;
@@ -348,7 +350,8 @@ bool kernels_avx512_bf16(KernelSet* ks) {
   ks->kernel = &kernel_bf16;
   ks->pack = &pack_bf16;
   ks->store_bf16 = &store_bf16;
-  // The fp32 blocking at the same bytes per block: twice the k depth (2048 bf16 = 1024 pairs).
+  // The fp32 blocking at the same bytes per block: twice the k depth (2048 bf16 = 1024 pairs);
+  // on one core at 2048^3, kc = 512 / 1024 / 2048 measured ~204 / ~213 / ~218 GFLOP/s.
   ks->kc = 2048;
   ks->mc = 14 * 20;
   ks->nc = 2048;

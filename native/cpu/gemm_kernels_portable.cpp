@@ -8,8 +8,6 @@
 // compile-time trip counts, so after full unrolling they live in registers.
 #include "gemm_internal.h"
 
-#include <cstring>
-
 namespace tk::gemm_detail {
 namespace {
 

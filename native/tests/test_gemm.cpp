@@ -1,15 +1,18 @@
 // GEMM tests: every ISA path present on this CPU against the double reference (native/ref).
 //
-// Shapes are built mostly from {1, 7, 97, 257, 1025} so no dimension is a multiple of any register tile or
-// cache block, and the larger ones cross the K block (multi-block accumulation, the bf16-output
-// fp32 buffer; K = 4103 for the 2048-deep bf16 blocks), the mc row block and the thread split. Strides exceed the minimum so a kernel
-// that assumes dense rows reads the wrong elements, outputs sit in guarded buffers, and the padding
-// columns of C are checked to be untouched. Each case's reference is computed once and every path
-// is compared against it.
+// Shapes are built mostly from {1, 7, 97, 257, 1025} so no dimension is a multiple of any register
+// tile or cache block; the larger ones cross the K block (multi-block accumulation and the
+// bf16-output fp32 buffer; K = 4103 for the 2048-deep bf16 blocks), the mc row block and the thread
+// split, and N = 61 / 125 reach the upper half of the masked edge stores. Strides exceed the
+// minimum so a kernel that assumes dense rows reads the wrong elements, outputs sit in guarded
+// buffers, and the padding columns of C are checked to be untouched. Each case's reference is
+// computed once and every path is compared against it.
 //
 // Tolerances (normalized MSE against the double reference on the same, already-rounded inputs):
 //   fp32 accumulation, fp32 output: 1e-10 (fp32 dot products of length ~1000 sit near 1e-12)
-//   bf16 output: 1e-5 (one rounding to 8 mantissa bits: ~2^-18 / 3 ~ 1.3e-6)
+//   bf16 output: 1e-5 (one rounding to 8 mantissa bits: ~2^-18 / 3 ~ 1.3e-6 averaged over the
+//                output; outputs of fewer than 256 elements compare with the rounded reference)
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -117,8 +120,17 @@ void run_path(tk::test::Context& ctx, const Problem& pr, const std::vector<doubl
       pad_ok = false;
   }
   ctx.check(pad_ok, what + ": C padding columns written");
-  const double tol = c.c == DType::BF16 ? 1e-5 : 1e-10;
-  ctx.check_nmse(what, got, ref, tol);
+  if (c.c == DType::F32) {
+    ctx.check_nmse(what, got, ref, 1e-10);
+  } else if (ref.size() >= 256) {
+    ctx.check_nmse(what, got, ref, 1e-5);
+  } else {
+    // A handful of bf16 outputs does not average the rounding error: one element alone can reach
+    // (2^-8)^2 ~ 1.5e-5. Those are held to the reference rounded the same way instead.
+    std::vector<unsigned char> r16(ref.size() * 2);
+    tk::test::from_double(ref, r16.data(), DType::BF16);
+    ctx.check_nmse(what, got, tk::test::to_double(r16.data(), DType::BF16, ref.size()), 1e-5);
+  }
 }
 
 std::vector<CpuIsa> present_isas() {
@@ -215,10 +227,10 @@ TK_TEST(gemm_batched) {
         }
 }
 
-// --grad (the harness runs tests named *grad* only in that mode): the GEMM backward rule, computed with gemm_cpu itself, against central differences of
-// L = sum(C * W) evaluated with the double reference. L is linear in every element of A and B, so
-// the difference quotient is exact up to double rounding and the tolerance only has to absorb the
-// fp32 accumulation of the gradient GEMMs.
+// --grad (the harness runs tests named *grad* only in that mode): the GEMM backward rule, computed
+// with gemm_cpu itself, against central differences of L = sum(C * W) evaluated with the double
+// reference. L is linear in every element of A and B, so the difference quotient is exact up to
+// double rounding and the tolerance only has to absorb the fp32 accumulation of the gradient GEMMs.
 //   d op(A) = alpha * W op(B)^T          d op(B) = alpha * op(A)^T W
 // Stored gradients follow the transposes: dA = (d op(A))^T = alpha * op(B) W^T when trans_a, and
 // dB = (d op(B))^T = alpha * W^T op(A) when trans_b.
@@ -322,7 +334,7 @@ TK_TEST(gemm_grad) {
         };
         probe(pr.a, ar, ac, p.lda, static_cast<const float*>(da.data()), 31 + t);
         probe(pr.b, br, bc, p.ldb, static_cast<const float*>(db.data()), 63 + t);
-        ctx.check_nmse(what, got, fd, 1e-9);
+        ctx.check_nmse(what, got, fd, 1e-10);
       }
   tk::set_active_isa(saved);
 }
@@ -360,14 +372,20 @@ TK_TEST(gemm_perf) {
                     tk::dtype_name(ab), s.name, threads, g, 100.0 * g / limit);
       }
   };
+  // Best of a few probes: one that shares the cores with something else reads low.
+  auto probe = [&] {
+    double best = 0;
+    for (int i = 0; i < 3; ++i) best = std::max(best, tk::probe_peak_flops(ctx.pool, 0.2).gflops);
+    return best;
+  };
   const int threads = ctx.pool.size();
-  const double peak = tk::probe_peak_flops(ctx.pool, 0.5).gflops;
+  const double peak = probe();
   std::printf("  perf gemm: measured fp32 FMA peak %.1f GFLOP/s on %d threads\n", peak, threads);
   for (CpuIsa isa : present_isas()) report(isa, threads, peak);
   if (threads > 1) {
     // Scaling: the best path on one thread.
     ctx.pool.resize(1);
-    const double peak1 = tk::probe_peak_flops(ctx.pool, 0.5).gflops;
+    const double peak1 = probe();
     std::printf("  perf gemm: measured fp32 FMA peak %.1f GFLOP/s on 1 thread\n", peak1);
     report(tk::detected_isa(), 1, peak1);
     ctx.pool.resize(threads);
