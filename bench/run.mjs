@@ -12,7 +12,9 @@ const info = tk.info();
 console.log(`tunekit ${info.version} | cpu ${info.cpu.isa}${info.cpu.bf16 ? '+bf16' : ''}, ${info.cpu.threads} threads | cuda ${info.cuda.available ? info.cuda.devices.map((d) => d.name).join(', ') : 'none'}`);
 
 const peak = native().probe(quick ? 0.2 : 1, quick ? 64 << 20 : 512 << 20);
-console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s (${peak.isa}, ${peak.threads} threads), ` +
+console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
+  (peak.bf16Gflops ? `, bf16 dot product ${peak.bf16Gflops.toFixed(0)} GFLOP/s` : '') +
+  ` (${peak.isa}, ${peak.threads} threads), ` +
   `read ${peak.readGBs.toFixed(1)} GB/s, copy ${peak.copyGBs.toFixed(1)} GB/s (read + write)`);
 
 await benchGemm({ peak, quick });

@@ -44,6 +44,8 @@ export interface NativeInfo {
 
 export interface NativeProbe {
   fp32Gflops: number;
+  /** AVX512-BF16 dot-product peak; 0 where the CPU lacks it (bf16 GEMM then runs at the fp32 rate). */
+  bf16Gflops: number;
   isa: string;
   threads: number;
   readGBs: number;

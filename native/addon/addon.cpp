@@ -445,6 +445,7 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
     });
     done.get_future().wait();
     out.Set("fp32Gflops", pf.gflops);
+    out.Set("bf16Gflops", pf.bf16_gflops);
     out.Set("isa", tk::isa_name(pf.isa));
     out.Set("threads", q.threads());
     out.Set("readGBs", read);

@@ -9,11 +9,13 @@
 namespace tk {
 
 struct PeakFlops {
-  double gflops;   // fp32 FMA throughput, all threads of the pool
-  CpuIsa isa;      // the vector width it was measured with
+  double gflops = 0;       // fp32 FMA throughput, all threads of the pool
+  double bf16_gflops = 0;  // bf16 dot-product (AVX512-BF16) throughput; 0 without the instructions
+  CpuIsa isa = CpuIsa::Portable;  // the vector width it was measured with
 };
 
-// Runs independent FMA chains on every pool thread for about `seconds`; counts 2 flops per lane.
+// Runs independent FMA (and bf16 dot-product) chains on every pool thread for about `seconds`
+// each; counts 2 flops per fp32 lane, 4 per bf16-pair lane.
 PeakFlops probe_peak_flops(ThreadPool& pool, double seconds);
 // Streams `bytes` of memory through all pool threads; returns read GB/s (1e9 bytes/s).
 double probe_read_bandwidth(ThreadPool& pool, size_t bytes);
