@@ -68,7 +68,9 @@ export class Tensor {
   to(target: Device | DType): Tensor {
     const h = this.handle('to');
     if ((DTYPES as readonly string[]).includes(target)) return Tensor.fromNative(native().cast(h, target as DType));
-    return Tensor.fromNative(native().toDevice(h, checkDevice(target, 'to')));
+    if (typeof target !== 'string' || !DEVICE_PATTERN.test(target))
+      throw new TypeError(`to: ${describe(target)} is neither a device ('cpu', 'cuda', 'cuda:N') nor a dtype (${DTYPES.map((d) => `'${d}'`).join(', ')})`);
+    return Tensor.fromNative(native().toDevice(h, target));
   }
 
   /** A tensor with the same values in another shape (shares memory; -1 infers one size). */
@@ -111,8 +113,10 @@ export function checkDType(dtype: unknown, what: string): DType {
   return dtype as DType;
 }
 
+const DEVICE_PATTERN = /^(cpu|cuda(:\d{1,2})?)$/;
+
 export function checkDevice(device: unknown, what: string): string {
-  if (typeof device !== 'string' || !/^(cpu|cuda(:\d{1,2})?)$/.test(device))
+  if (typeof device !== 'string' || !DEVICE_PATTERN.test(device))
     throw new TypeError(`${what}: unknown device ${describe(device)}; use 'cpu', 'cuda' or 'cuda:N'`);
   return device;
 }
