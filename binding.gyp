@@ -16,7 +16,10 @@
         "native/cpu/gemm_kernels_avx512.cpp",
         "native/cpu/gemm_kernels_portable.cpp",
         "native/cpu/isa.cpp",
+        "native/cpu/norm.cpp",
+        "native/cpu/optim.cpp",
         "native/cpu/probe.cpp",
+        "native/cpu/rope.cpp",
         "native/ops/ops.cpp",
         "native/addon/addon.cpp"
       ],
