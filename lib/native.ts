@@ -52,6 +52,21 @@ export interface NativeProbe {
   copyGBs: number;
 }
 
+export interface NativeRopeScaling {
+  type: 'none' | 'linear' | 'dynamic' | 'yarn' | 'llama3';
+  factor?: number;
+  originalMaxPositionEmbeddings?: number;
+  maxPositionEmbeddings?: number;
+  lowFreqFactor?: number;
+  highFreqFactor?: number;
+  betaFast?: number;
+  betaSlow?: number;
+  mscale?: number;
+  mscaleAllDim?: number;
+  attentionFactor?: number;
+  truncate?: boolean;
+}
+
 export interface NativeBinding {
   NativeTensor: abstract new (...args: never[]) => NativeTensor;
   fromHost(data: ArrayBufferView | ArrayBuffer, shape: number[], dtype: DType, device: string): NativeTensor;
@@ -65,6 +80,10 @@ export interface NativeBinding {
   binary(op: 'add' | 'sub' | 'mul', a: NativeTensor, b: NativeTensor): NativeTensor;
   scale(x: NativeTensor, alpha: number): NativeTensor;
   sum(x: NativeTensor, axes: number[], keepdim: boolean): NativeTensor;
+  rmsNorm(x: NativeTensor, weight: NativeTensor, eps: number): NativeTensor;
+  swiglu(gate: NativeTensor, up: NativeTensor): NativeTensor;
+  embedding(ids: NativeTensor, table: NativeTensor): NativeTensor;
+  rope(x: NativeTensor, positions: NativeTensor | null, theta: number, scaling: NativeRopeScaling): NativeTensor;
   synchronize(device: string): void;
   info(): NativeInfo;
   memory(): Record<string, NativeMemory>;

@@ -330,6 +330,72 @@ Napi::Value Sum(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::rms_norm(NativeTensor::From(info[0], "x"), NativeTensor::From(info[1], "weight"),
+                                                     arg_number(info[2], "eps")));
+  });
+}
+
+Napi::Value Swiglu(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::swiglu(NativeTensor::From(info[0], "gate"), NativeTensor::From(info[1], "up")));
+  });
+}
+
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::embedding(NativeTensor::From(info[0], "ids"), NativeTensor::From(info[1], "table")));
+  });
+}
+
+// scaling: { type: 'none'|'linear'|'dynamic'|'yarn'|'llama3', factor, ... } with the camelCase
+// names of Hugging Face's rope_scaling keys (validated in TypeScript first).
+tk::RopeScaling arg_rope_scaling(const Napi::Value& v) {
+  tk::RopeScaling s;
+  if (!v.IsObject()) tk::fail("rope: scaling must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  std::string type = o.Get("type").IsString() ? o.Get("type").As<Napi::String>().Utf8Value() : "none";
+  if (type == "none" || type == "default") s.type = tk::RopeScaling::None;
+  else if (type == "linear") s.type = tk::RopeScaling::Linear;
+  else if (type == "dynamic") s.type = tk::RopeScaling::Dynamic;
+  else if (type == "yarn") s.type = tk::RopeScaling::Yarn;
+  else if (type == "llama3") s.type = tk::RopeScaling::Llama3;
+  else tk::fail("rope: unknown scaling type '", type, "': use linear, dynamic, yarn or llama3");
+  auto num = [&](const char* key, float* out) {
+    Napi::Value x = o.Get(key);
+    if (!x.IsUndefined()) *out = float(arg_number(x, key));
+  };
+  auto integer = [&](const char* key, int* out) {
+    Napi::Value x = o.Get(key);
+    if (!x.IsUndefined()) *out = int(arg_int(x, key));
+  };
+  num("factor", &s.factor);
+  integer("originalMaxPositionEmbeddings", &s.original_max_position_embeddings);
+  integer("maxPositionEmbeddings", &s.max_position_embeddings);
+  num("lowFreqFactor", &s.low_freq_factor);
+  num("highFreqFactor", &s.high_freq_factor);
+  num("betaFast", &s.beta_fast);
+  num("betaSlow", &s.beta_slow);
+  num("mscale", &s.mscale);
+  num("mscaleAllDim", &s.mscale_all_dim);
+  num("attentionFactor", &s.attention_factor);
+  if (o.Has("truncate")) s.truncate = o.Get("truncate").ToBoolean();
+  return s;
+}
+
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const tk::Tensor* positions = info[1].IsNull() || info[1].IsUndefined() ? nullptr : &NativeTensor::From(info[1], "positions");
+    return NativeTensor::Wrap(env, tk::ops::rope(NativeTensor::From(info[0], "x"), positions, arg_number(info[2], "theta"),
+                                                 arg_rope_scaling(info[3])));
+  });
+}
+
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   guarded(env, [&] { tk::ops::synchronize(arg_device(info[0])); });
@@ -470,6 +536,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("binary", Napi::Function::New(env, Binary));
   exports.Set("scale", Napi::Function::New(env, Scale));
   exports.Set("sum", Napi::Function::New(env, Sum));
+  exports.Set("rmsNorm", Napi::Function::New(env, RmsNorm));
+  exports.Set("swiglu", Napi::Function::New(env, Swiglu));
+  exports.Set("embedding", Napi::Function::New(env, Embedding));
+  exports.Set("rope", Napi::Function::New(env, Rope));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
   exports.Set("info", Napi::Function::New(env, Info));
   exports.Set("memory", Napi::Function::New(env, Memory));

@@ -1,11 +1,13 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <future>
 
 #include "../core/error.h"
 #include "../cpu/gemm.h"
+#include "../cpu/norm.h"
 #ifdef TUNEKIT_WITH_CUDA
 #include "../cuda/device.h"
 #endif
@@ -344,6 +346,102 @@ TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
   // The kernel writes the keepdim layout; the output shape without reduced axes has the same bytes.
   TensorView xv = x.view(), ov = make_view(out->storage()->ptr, x.dtype(), x.device(), kept);
   launch(op, x.device(), {[=](ThreadPool& pool) { sum_cpu(xv, mask, ov, pool); }, nullptr});
+  return out;
+}
+
+namespace {
+
+void check_float_storage(const char* op, const char* name, const Tensor& t) {
+  TK_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16, op, ": ", name, " ", t.describe(),
+           " must be f32 or bf16; cast with t.to('f32')");
+}
+
+}  // namespace
+
+TensorPtr rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  const char* op = "rmsNorm";
+  same_device(op, x, weight);
+  same_dtype(op, x, weight);
+  check_float_storage(op, "x", x);
+  const auto& xs = x.shape();
+  TK_CHECK(!xs.empty() && xs.back() > 0, op, ": x ", x.describe(), " needs a non-empty last axis to normalize");
+  TK_CHECK(weight.shape().size() == 1 && weight.shape()[0] == xs.back(), op, ": weight ", weight.describe(),
+           " must be [", xs.back(), "] to match the last axis of x ", x.describe());
+  TK_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  TensorPtr out = empty(xs, x.dtype(), x.device());
+  // The kernel saves 1/rms per row for a backward pass; this forward-only op drops it after use
+  // (its release is queued behind the kernel).
+  TensorPtr rstd = empty({x.numel() / xs.back()}, DType::F32, x.device());
+  TensorView xv = x.view(), wv = weight.view(), ov = out->view(), rv = rstd->view();
+  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_forward_cpu(xv, wv, float(eps), ov, rv, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr swiglu(const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu";
+  same_device(op, gate, up);
+  same_dtype(op, gate, up);
+  check_float_storage(op, "gate", gate);
+  TK_CHECK(gate.shape() == up.shape(), op, ": gate ", gate.describe(), " and up ", up.describe(),
+           " must have the same shape");
+  TensorPtr out = empty(gate.shape(), gate.dtype(), gate.device());
+  TensorView gv = gate.view(), uv = up.view(), ov = out->view();
+  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_forward_cpu(gv, uv, ov, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr embedding(const Tensor& ids, const Tensor& table) {
+  const char* op = "embedding";
+  same_device(op, ids, table);
+  TK_CHECK(ids.dtype() == DType::I32, op, ": ids ", ids.describe(), " must be i32");
+  check_float_storage(op, "table", table);
+  TK_CHECK(table.shape().size() == 2 && table.shape()[1] > 0, op, ": table ", table.describe(),
+           " must be [V, D] with D > 0");
+  std::vector<int64_t> out_shape = ids.shape();
+  out_shape.push_back(table.shape()[1]);
+  check_shape(op, out_shape, table.dtype());
+  TensorPtr out = empty(out_shape, table.dtype(), table.device());
+  TensorView iv = ids.view(), tv = table.view(), ov = out->view();
+  launch(op, ids.device(), {[=](ThreadPool& pool) { embedding_forward_cpu(iv, tv, ov, pool); }, nullptr});
+  return out;
+}
+
+TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling) {
+  const char* op = "rope";
+  check_float_storage(op, "x", x);
+  const auto& xs = x.shape();
+  TK_CHECK(xs.size() == 4, op, ": x ", x.describe(), " must be [B, T, H, D]");
+  const int64_t B = xs[0], T = xs[1], D = xs[3];
+  TK_CHECK(D >= 2 && D % 2 == 0, op, ": the head dim of x ", x.describe(), " must be even (the rotation pairs i with i + D/2)");
+  TK_CHECK(std::isfinite(theta) && theta > 1, op, ": theta must be a finite number > 1, got ", theta);
+  // Checks the scaling parameters now, so that bad ones throw here rather than in the queue.
+  RopeFrequencies freqs = rope_inv_freq(D, theta, scaling, T);
+  TensorPtr default_positions;
+  if (!positions) {
+    std::vector<int32_t> seq(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) seq[size_t(t)] = int32_t(t);
+    default_positions = from_host(seq.data(), seq.size() * sizeof(int32_t), {T}, DType::I32, x.device());
+    positions = default_positions.get();
+  }
+  same_device(op, x, *positions);
+  TK_CHECK(positions->dtype() == DType::I32, op, ": positions ", positions->describe(), " must be i32");
+  const auto& ps = positions->shape();
+  bool per_batch = ps.size() == 2;
+  TK_CHECK((ps.size() == 1 && ps[0] == T) || (per_batch && ps[0] == B && ps[1] == T), op, ": positions ",
+           positions->describe(), " must be [", T, "] or [", B, ", ", T, "] for x ", x.describe());
+  TensorPtr out = empty(xs, x.dtype(), x.device());
+  TensorView xv = x.view(), pv = positions->view(), ov = out->view();
+  const bool dynamic = scaling.type == RopeScaling::Dynamic;
+  launch(op, x.device(), {[=, freqs = std::move(freqs)](ThreadPool& pool) {
+                            if (!dynamic) return rope_forward_cpu(xv, pv, per_batch, freqs.inv_freq, freqs.attention_factor, ov, pool);
+                            // Dynamic NTK depends on the longest position, known once the positions are.
+                            const int32_t* p = pv.ptr<int32_t>();
+                            int64_t n = pv.numel(), longest = 0;
+                            for (int64_t i = 0; i < n; ++i) longest = std::max<int64_t>(longest, int64_t(p[i]) + 1);
+                            RopeFrequencies f = rope_inv_freq(D, theta, scaling, longest);
+                            rope_forward_cpu(xv, pv, per_batch, f.inv_freq, f.attention_factor, ov, pool);
+                          },
+                          nullptr});
   return out;
 }
 

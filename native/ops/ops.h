@@ -12,6 +12,7 @@
 #include "../core/runtime.h"
 #include "../core/tensor.h"
 #include "../cpu/elementwise.h"
+#include "../cpu/rope.h"
 
 namespace tk {
 
@@ -80,6 +81,16 @@ TensorPtr binary(BinaryOp op, const Tensor& a, const Tensor& b);
 TensorPtr scale(const Tensor& x, double alpha);
 // Sum over `axes` (negative counts from the end; empty = all axes).
 TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim);
+// x [..., D], weight [D] -> x * rsqrt(mean(x^2) + eps) * weight, computed in fp32. f32 or bf16.
+TensorPtr rms_norm(const Tensor& x, const Tensor& weight, double eps);
+// silu(gate) * up, same shapes and dtype (f32 or bf16).
+TensorPtr swiglu(const Tensor& gate, const Tensor& up);
+// ids [...] i32, table [V, D] -> [..., D]. Ids outside [0, V) fail the queued kernel with an
+// error naming the id; it surfaces at the next read or synchronize.
+TensorPtr embedding(const Tensor& ids, const Tensor& table);
+// x [B, T, H, D] rotated by RoPE (Hugging Face half rotation). positions: null for 0..T-1, or
+// i32 [T] (shared) or [B, T] (per batch row).
+TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling);
 void synchronize(Device dev);
 
 }  // namespace ops
