@@ -16,6 +16,7 @@
         "native/cpu/gemm_kernels_avx512.cpp",
         "native/cpu/gemm_kernels_portable.cpp",
         "native/cpu/isa.cpp",
+        "native/cpu/loss.cpp",
         "native/cpu/norm.cpp",
         "native/cpu/optim.cpp",
         "native/cpu/probe.cpp",
