@@ -84,6 +84,10 @@ export interface NativeBinding {
   swiglu(gate: NativeTensor, up: NativeTensor): NativeTensor;
   embedding(ids: NativeTensor, table: NativeTensor): NativeTensor;
   rope(x: NativeTensor, positions: NativeTensor | null, theta: number, scaling: NativeRopeScaling): NativeTensor;
+  attention(q: NativeTensor, k: NativeTensor, v: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null): NativeTensor;
+  crossEntropy(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum' | 'none'): NativeTensor;
+  sequenceLogprobs(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number): NativeTensor;
+  dpoLoss(pc: NativeTensor, pr: NativeTensor, rc: NativeTensor, rr: NativeTensor, beta: number, kind: string, labelSmoothing: number): { loss: NativeTensor; chosenRewards: NativeTensor; rejectedRewards: NativeTensor };
   synchronize(device: string): void;
   info(): NativeInfo;
   memory(): Record<string, NativeMemory>;

@@ -5,6 +5,7 @@
 // reached them, so `await t.toArray()` never blocks the event loop.
 #include <napi.h>
 
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -396,6 +397,67 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value Attention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const tk::Tensor* seg = info[5].IsNull() || info[5].IsUndefined() ? nullptr : &NativeTensor::From(info[5], "segmentIds");
+    return NativeTensor::Wrap(env, tk::ops::attention(NativeTensor::From(info[0], "q"), NativeTensor::From(info[1], "k"),
+                                                      NativeTensor::From(info[2], "v"), info[3].ToBoolean(),
+                                                      arg_number(info[4], "scale"), seg));
+  });
+}
+
+tk::LossReduction arg_reduction(const Napi::Value& v) {
+  std::string r = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  if (r == "mean") return tk::LossReduction::Mean;
+  if (r == "sum") return tk::LossReduction::Sum;
+  if (r == "none") return tk::LossReduction::None;
+  tk::fail("crossEntropy: unknown reduction '", r, "': use 'mean', 'sum' or 'none'");
+}
+
+int32_t arg_ignore_index(const Napi::Value& v) {
+  int64_t i = arg_int(v, "ignoreIndex");
+  if (i < INT32_MIN || i > INT32_MAX) tk::fail("ignoreIndex must fit in int32, got ", i);
+  return int32_t(i);
+}
+
+Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::cross_entropy(NativeTensor::From(info[0], "logits"), NativeTensor::From(info[1], "targets"),
+                                                          arg_ignore_index(info[2]), arg_reduction(info[3])));
+  });
+}
+
+Napi::Value SequenceLogprobs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::sequence_logprobs(NativeTensor::From(info[0], "logits"),
+                                                              NativeTensor::From(info[1], "targets"), arg_ignore_index(info[2])));
+  });
+}
+
+Napi::Value DpoLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    tk::DpoParams p;
+    p.beta = float(arg_number(info[4], "beta"));
+    std::string kind = info[5].IsString() ? info[5].As<Napi::String>().Utf8Value() : "";
+    if (kind == "sigmoid") p.kind = tk::DpoKind::Sigmoid;
+    else if (kind == "ipo") p.kind = tk::DpoKind::Ipo;
+    else if (kind == "hinge") p.kind = tk::DpoKind::Hinge;
+    else tk::fail("dpoLoss: unknown kind '", kind, "': use 'sigmoid', 'ipo' or 'hinge'");
+    p.label_smoothing = float(arg_number(info[6], "labelSmoothing"));
+    tk::ops::DpoResult r = tk::ops::dpo_loss(NativeTensor::From(info[0], "policyChosen"), NativeTensor::From(info[1], "policyRejected"),
+                                             NativeTensor::From(info[2], "refChosen"), NativeTensor::From(info[3], "refRejected"), p);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("loss", NativeTensor::Wrap(env, std::move(r.loss)));
+    out.Set("chosenRewards", NativeTensor::Wrap(env, std::move(r.chosen_rewards)));
+    out.Set("rejectedRewards", NativeTensor::Wrap(env, std::move(r.rejected_rewards)));
+    return out;
+  });
+}
+
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   guarded(env, [&] { tk::ops::synchronize(arg_device(info[0])); });
@@ -540,6 +602,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("swiglu", Napi::Function::New(env, Swiglu));
   exports.Set("embedding", Napi::Function::New(env, Embedding));
   exports.Set("rope", Napi::Function::New(env, Rope));
+  exports.Set("attention", Napi::Function::New(env, Attention));
+  exports.Set("crossEntropy", Napi::Function::New(env, CrossEntropy));
+  exports.Set("sequenceLogprobs", Napi::Function::New(env, SequenceLogprobs));
+  exports.Set("dpoLoss", Napi::Function::New(env, DpoLoss));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
   exports.Set("info", Napi::Function::New(env, Info));
   exports.Set("memory", Napi::Function::New(env, Memory));

@@ -6,6 +6,7 @@
 #include <future>
 
 #include "../core/error.h"
+#include "../cpu/attention.h"
 #include "../cpu/gemm.h"
 #include "../cpu/norm.h"
 #ifdef TUNEKIT_WITH_CUDA
@@ -443,6 +444,122 @@ TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const Rop
                           },
                           nullptr});
   return out;
+}
+
+TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                    const Tensor* segment_ids) {
+  const char* op = "attention";
+  same_device(op, q, k);
+  same_device(op, q, v);
+  same_dtype(op, q, k);
+  same_dtype(op, q, v);
+  check_float_storage(op, "q", q);
+  const auto &qs = q.shape(), &ks = k.shape();
+  TK_CHECK(qs.size() == 4 && ks.size() == 4, op, ": q ", q.describe(), " must be [B, T, H, D] and k ", k.describe(),
+           " [B, S, Hkv, D]");
+  TK_CHECK(k.shape() == v.shape(), op, ": k ", k.describe(), " and v ", v.describe(), " must have the same shape");
+  TK_CHECK(ks[0] == qs[0] && ks[3] == qs[3], op, ": q ", q.describe(), " and k ", k.describe(),
+           " must agree on batch (axis 0) and head dim (axis 3)");
+  TK_CHECK(ks[2] > 0 && qs[2] % ks[2] == 0, op, ": q's ", qs[2], " heads must be a multiple of k's ", ks[2],
+           " heads (grouped-query attention)");
+  TK_CHECK(std::isfinite(scale), op, ": scale must be finite");
+  const int64_t B = qs[0], T = qs[1], H = qs[2], S = ks[1];
+  if (segment_ids) {
+    same_device(op, q, *segment_ids);
+    const std::vector<int64_t> want{B, T};
+    TK_CHECK(segment_ids->dtype() == DType::I32 && segment_ids->shape() == want, op,
+             ": segmentIds ", segment_ids->describe(), " must be i32 [", B, ", ", T, "]");
+    TK_CHECK(S == T, op, ": segmentIds need as many keys as queries (S == T), got T = ", T, ", S = ", S);
+  }
+  TensorPtr out = empty(qs, q.dtype(), q.device());
+  // The log-sum-exp the backward pass would reuse; released after the kernel in queue order.
+  TensorPtr lse = empty({B, H, T}, DType::F32, q.device());
+  TensorView qv = q.view(), kv = k.view(), vv = v.view(), ov = out->view(), lv = lse->view();
+  bool has_seg = segment_ids != nullptr;
+  TensorView sv = has_seg ? segment_ids->view() : TensorView{};
+  AttentionOptions opt;
+  opt.causal = causal;
+  opt.scale = float(scale > 0 ? scale : 0.0);
+  launch(op, q.device(), {[=](ThreadPool& pool) {
+                            attention_forward_cpu(qv, kv, vv, has_seg ? &sv : nullptr, nullptr, opt, ov, lv, pool);
+                          },
+                          nullptr});
+  return out;
+}
+
+namespace {
+
+// Checks logits [..., V] against targets [...] and returns (rows N, vocabulary V).
+std::pair<int64_t, int64_t> check_logits(const char* op, const Tensor& logits, const Tensor& targets) {
+  same_device(op, logits, targets);
+  check_float_storage(op, "logits", logits);
+  TK_CHECK(targets.dtype() == DType::I32, op, ": targets ", targets.describe(), " must be i32");
+  const auto& ls = logits.shape();
+  TK_CHECK(!ls.empty() && ls.back() > 0, op, ": logits ", logits.describe(), " need a non-empty vocabulary axis");
+  std::vector<int64_t> rows(ls.begin(), ls.end() - 1);
+  TK_CHECK(targets.shape() == rows, op, ": targets ", targets.describe(), " must have logits' shape without the vocabulary axis, ",
+           shape_str(rows));
+  return {logits.numel() / ls.back(), ls.back()};
+}
+
+}  // namespace
+
+TensorPtr cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction) {
+  const char* op = "crossEntropy";
+  auto [N, V] = check_logits(op, logits, targets);
+  (void)V;
+  TensorPtr losses = empty(targets.shape(), DType::F32, logits.device());
+  TensorPtr lse = empty({N}, DType::F32, logits.device());
+  TensorPtr loss = reduction == LossReduction::None ? nullptr : empty({}, DType::F32, logits.device());
+  TensorView lv = logits.view(), tv = targets.view(), losv = losses->view(), lsev = lse->view();
+  TensorView outv = loss ? loss->view() : TensorView{};
+  launch(op, logits.device(), {[=](ThreadPool& pool) {
+                                 cross_entropy_forward_cpu(lv, tv, ignore_index, reduction, losv, lsev, outv, pool);
+                               },
+                               nullptr});
+  return loss ? std::move(loss) : std::move(losses);
+}
+
+TensorPtr sequence_logprobs(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+  const char* op = "sequenceLogprobs";
+  TK_CHECK(logits.shape().size() == 3, op, ": logits ", logits.describe(), " must be [B, T, V]");
+  auto [N, V] = check_logits(op, logits, targets);
+  (void)V;
+  TensorPtr out = empty({logits.shape()[0]}, DType::F32, logits.device());
+  TensorPtr lse = empty({N}, DType::F32, logits.device());
+  TensorView lv = logits.view(), tv = targets.view(), ov = out->view(), lsev = lse->view();
+  launch(op, logits.device(), {[=](ThreadPool& pool) {
+                                 sequence_logprobs_forward_cpu(lv, tv, ignore_index, ov, lsev, pool);
+                               },
+                               nullptr});
+  return out;
+}
+
+DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
+                   const Tensor& ref_rejected, const DpoParams& params) {
+  const char* op = "dpoLoss";
+  const Tensor* all[] = {&policy_chosen, &policy_rejected, &ref_chosen, &ref_rejected};
+  const char* names[] = {"policyChosen", "policyRejected", "refChosen", "refRejected"};
+  for (int i = 0; i < 4; ++i) {
+    same_device(op, policy_chosen, *all[i]);
+    TK_CHECK(all[i]->dtype() == DType::F32 && all[i]->shape().size() == 1 && all[i]->shape() == policy_chosen.shape(),
+             op, ": ", names[i], " ", all[i]->describe(), " must be f32 [B] like policyChosen ", policy_chosen.describe());
+  }
+  TK_CHECK(std::isfinite(params.beta) && params.beta > 0, op, ": beta must be a finite number > 0, got ", params.beta);
+  TK_CHECK(params.label_smoothing >= 0 && params.label_smoothing <= 0.5, op,
+           ": labelSmoothing must be in [0, 0.5], got ", params.label_smoothing);
+  const int64_t B = policy_chosen.shape()[0];
+  TK_CHECK(B > 0, op, ": needs at least one preference pair");
+  TensorPtr losses = empty({B}, DType::F32, policy_chosen.device());
+  DpoResult r;
+  r.chosen_rewards = empty({B}, DType::F32, policy_chosen.device());
+  r.rejected_rewards = empty({B}, DType::F32, policy_chosen.device());
+  TensorView pc = policy_chosen.view(), pr = policy_rejected.view(), rc = ref_chosen.view(), rr = ref_rejected.view();
+  TensorView lv = losses->view(), cv = r.chosen_rewards->view(), jv = r.rejected_rewards->view();
+  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_forward_cpu(pc, pr, rc, rr, params, lv, cv, jv); }, nullptr});
+  TensorPtr total = sum(*losses, {}, false);
+  r.loss = scale(*total, 1.0 / double(B));
+  return r;
 }
 
 void synchronize(Device dev) { Runtime::get().queue(dev).synchronize(); }

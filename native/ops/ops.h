@@ -12,6 +12,7 @@
 #include "../core/runtime.h"
 #include "../core/tensor.h"
 #include "../cpu/elementwise.h"
+#include "../cpu/loss.h"
 #include "../cpu/rope.h"
 
 namespace tk {
@@ -91,6 +92,21 @@ TensorPtr embedding(const Tensor& ids, const Tensor& table);
 // x [B, T, H, D] rotated by RoPE (Hugging Face half rotation). positions: null for 0..T-1, or
 // i32 [T] (shared) or [B, T] (per batch row).
 TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling);
+// q [B, T, H, D], k and v [B, S, Hkv, D] -> [B, T, H, D]; fused (never the [T, S] scores).
+// segment_ids: null, or i32 [B, T] (needs S == T): no attention across segments. scale <= 0
+// means 1/sqrt(D).
+TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                    const Tensor* segment_ids);
+// logits [..., V], targets [...] i32 -> [] (mean over non-ignored, or sum) or [...] (none), f32.
+TensorPtr cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction);
+// logits [B, T, V], targets [B, T] i32 -> [B] f32 sums of log p(target) over non-ignored positions.
+TensorPtr sequence_logprobs(const Tensor& logits, const Tensor& targets, int32_t ignore_index);
+struct DpoResult {
+  TensorPtr loss, chosen_rewards, rejected_rewards;  // [] mean over pairs, [B], [B]
+};
+// Sequence log-probs [B] f32 of the policy and the reference on chosen and rejected answers.
+DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
+                   const Tensor& ref_rejected, const DpoParams& params);
 void synchronize(Device dev);
 
 }  // namespace ops

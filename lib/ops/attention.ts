@@ -1,0 +1,29 @@
+import { native } from '../native.js';
+import { checkTensor, Tensor } from '../tensor.js';
+
+export interface AttentionOptions {
+  /** Causal mask; when S > T the last query aligns with the last key. Default true. */
+  causal?: boolean;
+  /** Score scale. Default 1/sqrt(D). */
+  scale?: number;
+  /** i32 [B, T] document ids of packed sequences (needs S == T): no attention across documents. */
+  segmentIds?: Tensor;
+}
+
+/**
+ * Fused (flash-style) attention: q [B, T, H, D], k and v [B, S, Hkv, D] with H % Hkv == 0
+ * (grouped-query) -> [B, T, H, D]. Never materializes the [T, S] scores. Forward only until the
+ * autograd tape lands.
+ */
+export function attention(q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions = {}): Tensor {
+  const hq = checkTensor(q, 'attention', 'q');
+  const hk = checkTensor(k, 'attention', 'k');
+  const hv = checkTensor(v, 'attention', 'v');
+  const causal = options.causal ?? true;
+  if (typeof causal !== 'boolean') throw new TypeError('attention: causal must be a boolean');
+  const scale = options.scale ?? 0;
+  if (typeof scale !== 'number' || !Number.isFinite(scale) || scale < 0 || (options.scale !== undefined && scale === 0))
+    throw new RangeError(`attention: scale must be a finite number > 0, got ${String(options.scale)}`);
+  const seg = options.segmentIds === undefined ? null : checkTensor(options.segmentIds, 'attention', 'segmentIds');
+  return Tensor.fromNative(native().attention(hq, hk, hv, causal, scale, seg));
+}

@@ -1,0 +1,65 @@
+import { native } from '../native.js';
+import { checkTensor, Tensor } from '../tensor.js';
+
+function checkIgnoreIndex(op: string, i: unknown): number {
+  if (typeof i !== 'number' || !Number.isInteger(i) || i < -(2 ** 31) || i >= 2 ** 31) throw new TypeError(`${op}: ignoreIndex must be an int32, got ${String(i)}`);
+  return i;
+}
+
+export interface CrossEntropyOptions {
+  /** Targets equal to this are skipped. Default -100. */
+  ignoreIndex?: number;
+  /** 'mean' over non-ignored targets (0 when there are none), 'sum', or 'none' (per target). Default 'mean'. */
+  reduction?: 'mean' | 'sum' | 'none';
+}
+
+/**
+ * Cross entropy of logits [..., V] (f32 or bf16, computed in fp32 with an online logsumexp)
+ * against i32 targets [...]: a scalar [] for mean and sum, [...] for none. Forward only.
+ */
+export function crossEntropy(logits: Tensor, targets: Tensor, options: CrossEntropyOptions = {}): Tensor {
+  const hl = checkTensor(logits, 'crossEntropy', 'logits');
+  const ht = checkTensor(targets, 'crossEntropy', 'targets');
+  const reduction = options.reduction ?? 'mean';
+  if (!['mean', 'sum', 'none'].includes(reduction)) throw new TypeError(`crossEntropy: reduction must be 'mean', 'sum' or 'none', got ${String(reduction)}`);
+  return Tensor.fromNative(native().crossEntropy(hl, ht, checkIgnoreIndex('crossEntropy', options.ignoreIndex ?? -100), reduction));
+}
+
+/** [B] sums of log p(target) over non-ignored positions, for logits [B, T, V] and targets [B, T]. Forward only. */
+export function sequenceLogprobs(logits: Tensor, targets: Tensor, options: { ignoreIndex?: number } = {}): Tensor {
+  const hl = checkTensor(logits, 'sequenceLogprobs', 'logits');
+  const ht = checkTensor(targets, 'sequenceLogprobs', 'targets');
+  return Tensor.fromNative(native().sequenceLogprobs(hl, ht, checkIgnoreIndex('sequenceLogprobs', options.ignoreIndex ?? -100)));
+}
+
+export interface DpoOptions {
+  /** Strength of the KL constraint to the reference. Default 0.1. */
+  beta?: number;
+  /** TRL's loss types: 'sigmoid' (DPO), 'ipo', 'hinge'. Default 'sigmoid'. */
+  kind?: 'sigmoid' | 'ipo' | 'hinge';
+  /** Conservative DPO's label smoothing in [0, 0.5] (sigmoid only). Default 0. */
+  labelSmoothing?: number;
+}
+
+export interface DpoResult {
+  /** Mean over pairs, shape []. */
+  loss: Tensor;
+  /** beta * (policyChosen - refChosen), [B]. */
+  chosenRewards: Tensor;
+  /** beta * (policyRejected - refRejected), [B]. */
+  rejectedRewards: Tensor;
+}
+
+/** The DPO loss from f32 [B] sequence log-probs of the policy and the reference. Forward only. */
+export function dpoLoss(policyChosen: Tensor, policyRejected: Tensor, refChosen: Tensor, refRejected: Tensor, options: DpoOptions = {}): DpoResult {
+  const op = 'dpoLoss';
+  const h = [checkTensor(policyChosen, op, 'policyChosen'), checkTensor(policyRejected, op, 'policyRejected'), checkTensor(refChosen, op, 'refChosen'), checkTensor(refRejected, op, 'refRejected')] as const;
+  const beta = options.beta ?? 0.1;
+  const kind = options.kind ?? 'sigmoid';
+  const ls = options.labelSmoothing ?? 0;
+  if (typeof beta !== 'number' || !(beta > 0) || !Number.isFinite(beta)) throw new RangeError(`${op}: beta must be a finite number > 0, got ${String(beta)}`);
+  if (!['sigmoid', 'ipo', 'hinge'].includes(kind)) throw new TypeError(`${op}: kind must be 'sigmoid', 'ipo' or 'hinge', got ${String(kind)}`);
+  if (typeof ls !== 'number' || !(ls >= 0 && ls <= 0.5)) throw new RangeError(`${op}: labelSmoothing must be in [0, 0.5], got ${String(ls)}`);
+  const r = native().dpoLoss(h[0], h[1], h[2], h[3], beta, kind, ls);
+  return { loss: Tensor.fromNative(r.loss), chosenRewards: Tensor.fromNative(r.chosenRewards), rejectedRewards: Tensor.fromNative(r.rejectedRewards) };
+}
