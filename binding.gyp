@@ -18,6 +18,7 @@
         "native/cpu/gemm_kernels_portable.cpp",
         "native/cpu/isa.cpp",
         "native/cpu/loss.cpp",
+        "native/cpu/nf4.cpp",
         "native/cpu/norm.cpp",
         "native/cpu/optim.cpp",
         "native/cpu/probe.cpp",
