@@ -19,3 +19,4 @@ export {
 } from './tensor.js';
 export { version } from './version.js';
 export * as ops from './ops/index.js';
+export * as nf4 from './nf4.js';

@@ -458,6 +458,32 @@ Napi::Value DpoLoss(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value Nf4Quantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    tk::ops::Nf4Tensors q = tk::ops::nf4_quantize(NativeTensor::From(info[0], "w"), arg_int(info[1], "blockSize"),
+                                                  info[2].ToBoolean());
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("packed", NativeTensor::Wrap(env, std::move(q.packed)));
+    out.Set("absmax", NativeTensor::Wrap(env, std::move(q.absmax)));
+    if (q.scale2) out.Set("scale2", NativeTensor::Wrap(env, std::move(q.scale2)));
+    if (q.offset) out.Set("offset", NativeTensor::Wrap(env, std::move(q.offset)));
+    return out;
+  });
+}
+
+Napi::Value Nf4Dequantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    bool dq = info[6].ToBoolean();
+    const tk::Tensor* scale2 = dq ? &NativeTensor::From(info[2], "scale2") : nullptr;
+    const tk::Tensor* offset = dq ? &NativeTensor::From(info[3], "offset") : nullptr;
+    return NativeTensor::Wrap(env, tk::ops::nf4_dequantize(NativeTensor::From(info[0], "packed"), NativeTensor::From(info[1], "absmax"),
+                                                           scale2, offset, arg_shape(info[4]), arg_int(info[5], "blockSize"), dq,
+                                                           arg_dtype(info[7])));
+  });
+}
+
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   guarded(env, [&] { tk::ops::synchronize(arg_device(info[0])); });
@@ -606,6 +632,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("crossEntropy", Napi::Function::New(env, CrossEntropy));
   exports.Set("sequenceLogprobs", Napi::Function::New(env, SequenceLogprobs));
   exports.Set("dpoLoss", Napi::Function::New(env, DpoLoss));
+  exports.Set("nf4Quantize", Napi::Function::New(env, Nf4Quantize));
+  exports.Set("nf4Dequantize", Napi::Function::New(env, Nf4Dequantize));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
   exports.Set("info", Napi::Function::New(env, Info));
   exports.Set("memory", Napi::Function::New(env, Memory));

@@ -562,6 +562,66 @@ DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, c
   return r;
 }
 
+Nf4Tensors nf4_quantize(const Tensor& w, int64_t block_size, bool double_quant) {
+  const char* op = "nf4.quantize";
+  check_float_storage(op, "w", w);
+  TK_CHECK(block_size >= 2 && block_size <= (int64_t(1) << 24) && block_size % 2 == 0, op,
+           ": blockSize must be an even number from 2 to 2^24, got ", block_size);
+  TK_CHECK(w.numel() > 0, op, ": w ", w.describe(), " is empty");
+  Nf4Layout L = nf4_layout(w.numel(), block_size, double_quant);
+  Device dev = w.device();
+  Nf4Tensors q;
+  q.packed = empty({L.packed_bytes}, DType::U8, dev);
+  q.absmax = double_quant ? empty({L.nblocks}, DType::U8, dev) : empty({L.nblocks}, DType::F32, dev);
+  if (double_quant) {
+    q.scale2 = empty({L.nblocks2}, DType::F32, dev);
+    q.offset = empty({}, DType::F32, dev);
+  }
+  Nf4Out out{static_cast<uint8_t*>(q.packed->storage()->ptr),
+             double_quant ? nullptr : static_cast<float*>(q.absmax->storage()->ptr),
+             double_quant ? static_cast<uint8_t*>(q.absmax->storage()->ptr) : nullptr,
+             double_quant ? static_cast<float*>(q.scale2->storage()->ptr) : nullptr,
+             double_quant ? static_cast<float*>(q.offset->storage()->ptr) : nullptr};
+  const void* src = w.storage()->ptr;
+  DType dt = w.dtype();
+  int64_t n = w.numel();
+  launch(op, dev, {[=](ThreadPool& pool) { nf4_quantize_cpu(src, dt, n, block_size, double_quant, out, pool); }, nullptr});
+  return q;
+}
+
+TensorPtr nf4_dequantize(const Tensor& packed, const Tensor& absmax, const Tensor* scale2, const Tensor* offset,
+                         const std::vector<int64_t>& shape, int64_t block_size, bool double_quant, DType out_dtype) {
+  const char* op = "nf4.dequantize";
+  check_shape(op, shape, out_dtype);
+  TK_CHECK(out_dtype == DType::F32 || out_dtype == DType::BF16, op, ": dtype must be f32 or bf16");
+  TK_CHECK(block_size >= 2 && block_size % 2 == 0, op, ": blockSize must be even, got ", block_size);
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  TK_CHECK(n > 0, op, ": shape ", shape_str(shape), " is empty");
+  Nf4Layout L = nf4_layout(n, block_size, double_quant);
+  auto expect = [&](const Tensor* t, const char* name, DType dt, int64_t count) {
+    TK_CHECK(t && t->dtype() == dt && t->numel() == count && t->device() == packed.device(), op, ": ", name, " ",
+             t ? t->describe() : std::string("(missing)"), " does not fit a ", shape_str(shape), " weight with blockSize ",
+             block_size, double_quant ? " and double quantization" : "", ": expected ", count, " ", dtype_name(dt));
+  };
+  expect(&packed, "packed", DType::U8, L.packed_bytes);
+  expect(&absmax, "absmax", double_quant ? DType::U8 : DType::F32, L.nblocks);
+  if (double_quant) {
+    expect(scale2, "scale2", DType::F32, L.nblocks2);
+    expect(offset, "offset", DType::F32, 1);
+  }
+  Device dev = packed.device();
+  TensorPtr out = empty(shape, out_dtype, dev);
+  Nf4In in{static_cast<const uint8_t*>(packed.storage()->ptr),
+           double_quant ? nullptr : static_cast<const float*>(absmax.storage()->ptr),
+           double_quant ? static_cast<const uint8_t*>(absmax.storage()->ptr) : nullptr,
+           double_quant ? static_cast<const float*>(scale2->storage()->ptr) : nullptr,
+           double_quant ? static_cast<const float*>(offset->storage()->ptr) : nullptr};
+  void* dst = out->storage()->ptr;
+  launch(op, dev, {[=](ThreadPool& pool) { nf4_dequantize_cpu(in, n, block_size, double_quant, dst, out_dtype, pool); }, nullptr});
+  return out;
+}
+
 void synchronize(Device dev) { Runtime::get().queue(dev).synchronize(); }
 
 }  // namespace ops

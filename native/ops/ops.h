@@ -13,6 +13,7 @@
 #include "../core/tensor.h"
 #include "../cpu/elementwise.h"
 #include "../cpu/loss.h"
+#include "../cpu/nf4.h"
 #include "../cpu/rope.h"
 
 namespace tk {
@@ -107,6 +108,16 @@ struct DpoResult {
 // Sequence log-probs [B] f32 of the policy and the reference on chosen and rejected answers.
 DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
                    const Tensor& ref_rejected, const DpoParams& params);
+// NF4 (QLoRA) storage of a weight: packed u8 codes [ceil(n/2)] and the absmax per block, either
+// f32 [nblocks] or, with double quantization, u8 codes [nblocks] + f32 scales [ceil(nblocks/256)]
+// + one f32 offset.
+struct Nf4Tensors {
+  TensorPtr packed, absmax, scale2, offset;  // scale2 and offset only with double quantization
+};
+Nf4Tensors nf4_quantize(const Tensor& w, int64_t block_size, bool double_quant);
+// scale2 and offset: null without double quantization.
+TensorPtr nf4_dequantize(const Tensor& packed, const Tensor& absmax, const Tensor* scale2, const Tensor* offset,
+                         const std::vector<int64_t>& shape, int64_t block_size, bool double_quant, DType out_dtype);
 void synchronize(Device dev);
 
 }  // namespace ops
