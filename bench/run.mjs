@@ -6,6 +6,7 @@ import * as tk from '../dist/index.js';
 import { native } from '../dist/native.js';
 
 import { benchGemm } from './gemm.mjs';
+import { benchOps } from './ops.mjs';
 
 const quick = process.argv.includes('--quick');
 const info = tk.info();
@@ -18,3 +19,4 @@ console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
   `read ${peak.readGBs.toFixed(1)} GB/s, copy ${peak.copyGBs.toFixed(1)} GB/s (read + write)`);
 
 await benchGemm({ peak, quick });
+await benchOps({ peak, quick });
