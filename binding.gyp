@@ -11,6 +11,7 @@
         "native/core/runtime.cpp",
         "native/core/thread_pool.cpp",
         "native/cpu/attention.cpp",
+        "native/cpu/distill.cpp",
         "native/cpu/elementwise.cpp",
         "native/cpu/gemm.cpp",
         "native/cpu/gemm_kernels_avx2.cpp",
