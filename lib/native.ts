@@ -88,6 +88,7 @@ export interface NativeBinding {
   crossEntropy(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum' | 'none'): NativeTensor;
   sequenceLogprobs(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number): NativeTensor;
   dpoLoss(pc: NativeTensor, pr: NativeTensor, rc: NativeTensor, rr: NativeTensor, beta: number, kind: string, labelSmoothing: number): { loss: NativeTensor; chosenRewards: NativeTensor; rejectedRewards: NativeTensor };
+  distillLoss(student: NativeTensor, teacher: NativeTensor, targets: NativeTensor | null, kind: string, beta: number, temperature: number, ignoreIndex: number): NativeTensor;
   nf4Quantize(w: NativeTensor, blockSize: number, doubleQuant: boolean): { packed: NativeTensor; absmax: NativeTensor; scale2?: NativeTensor; offset?: NativeTensor };
   nf4Dequantize(packed: NativeTensor, absmax: NativeTensor, scale2: NativeTensor | null, offset: NativeTensor | null, shape: number[], blockSize: number, doubleQuant: boolean, dtype: DType): NativeTensor;
   synchronize(device: string): void;

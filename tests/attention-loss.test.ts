@@ -157,3 +157,55 @@ describe('losses', () => {
     expect(() => tk.ops.dpoLoss(v, v, v, v, { labelSmoothing: 0.7 })).toThrow(/dpoLoss: labelSmoothing must be in \[0, 0.5\]/);
   });
 });
+
+describe('distillLoss', () => {
+  const [N, V] = [5, 33];
+  const s = lcg(N * V, 21).map((x) => x * 4);
+  const t = lcg(N * V, 22).map((x) => x * 4);
+  const logSoftmax = (z: Float32Array, n: number, T: number) => {
+    const row = Array.from(z.subarray(n * V, (n + 1) * V), (x) => x / T);
+    const lse = logSumExp(row);
+    return row.map((x) => x - lse);
+  };
+  const targets = new Int32Array([1, -100, 3, 4, -100]);
+
+  function reference(kind: string, T: number, beta: number, useTargets: boolean): number {
+    let total = 0;
+    let rows = 0;
+    for (let n = 0; n < N; n++) {
+      if (useTargets && targets[n] === -100) continue;
+      const ls = logSoftmax(s, n, T), lt = logSoftmax(t, n, T);
+      let d = 0;
+      for (let i = 0; i < V; i++) {
+        const ps = Math.exp(ls[i]!), pt = Math.exp(lt[i]!);
+        const m = beta * pt + (1 - beta) * ps;
+        if (kind === 'forward_kl') d += pt * (lt[i]! - ls[i]!);
+        else if (kind === 'reverse_kl') d += ps * (ls[i]! - lt[i]!);
+        else d += beta * pt * (lt[i]! - Math.log(m)) + (1 - beta) * ps * (ls[i]! - Math.log(m));
+      }
+      total += T * T * d;
+      rows++;
+    }
+    return rows ? total / rows : 0;
+  }
+
+  for (const [kind, T, beta, useTargets] of [['forward_kl', 1, 0.5, false], ['reverse_kl', 2, 0.5, true], ['jsd', 2, 0.3, true]] as const) {
+    it(`${kind} at temperature ${T}${useTargets ? ' with ignored rows' : ''}`, () => {
+      using ts = tk.tensor(s, [N, V]);
+      using tt = tk.tensor(t, [N, V]);
+      using tg = tk.tensor(targets, [N]);
+      using loss = tk.ops.distillLoss(ts, tt, { kind, temperature: T, beta, targets: useTargets ? tg : undefined });
+      expect(loss.shape).toEqual([]);
+      const ref = reference(kind, T, beta, useTargets);
+      expect(Math.abs(loss.toArraySync()[0]! - ref) / Math.abs(ref)).toBeLessThan(1e-5);
+    });
+  }
+
+  it('names a teacher with another vocabulary and bad options', () => {
+    using a = tk.zeros([2, 5]);
+    using b = tk.zeros([2, 6]);
+    expect(() => tk.ops.distillLoss(a, b)).toThrow(/distillLoss: student \[2, 5\] f32 on cpu and teacher \[2, 6\] f32 on cpu must have the same shape/);
+    expect(() => tk.ops.distillLoss(a, a, { temperature: 0 })).toThrow(/distillLoss: temperature must be a finite number > 0/);
+    expect(() => tk.ops.distillLoss(a, a, { kind: 'kl' as 'jsd' })).toThrow(/distillLoss: kind must be/);
+  });
+});

@@ -1,6 +1,6 @@
 export { attention, type AttentionOptions } from './attention.js';
 export { add, mul, scale, sub } from './elementwise.js';
-export { crossEntropy, dpoLoss, sequenceLogprobs, type CrossEntropyOptions, type DpoOptions, type DpoResult } from './loss.js';
+export { crossEntropy, distillLoss, dpoLoss, sequenceLogprobs, type CrossEntropyOptions, type DistillOptions, type DpoOptions, type DpoResult } from './loss.js';
 export { matmul, type MatmulOptions } from './matmul.js';
 export { embedding, rmsNorm, swiglu, type RmsNormOptions } from './norm.js';
 export { sum, type SumOptions } from './reduce.js';

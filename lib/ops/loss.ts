@@ -63,3 +63,33 @@ export function dpoLoss(policyChosen: Tensor, policyRejected: Tensor, refChosen:
   const r = native().dpoLoss(h[0], h[1], h[2], h[3], beta, kind, ls);
   return { loss: Tensor.fromNative(r.loss), chosenRewards: Tensor.fromNative(r.chosenRewards), rejectedRewards: Tensor.fromNative(r.rejectedRewards) };
 }
+
+export interface DistillOptions {
+  /** 'forward_kl' = KL(teacher || student), 'reverse_kl' = KL(student || teacher), or 'jsd' (generalized, with beta). Default 'forward_kl'. */
+  kind?: 'forward_kl' | 'reverse_kl' | 'jsd';
+  /** JSD's mixture weight in [0, 1]: m = beta * p_teacher + (1 - beta) * p_student. Default 0.5. */
+  beta?: number;
+  /** Both logits are divided by it; the loss is scaled by its square. Default 1. */
+  temperature?: number;
+  /** Optional i32 targets [...]: rows whose target is ignoreIndex do not count. */
+  targets?: Tensor;
+  ignoreIndex?: number;
+}
+
+/**
+ * Knowledge-distillation loss of student logits against teacher logits [..., V] (same
+ * vocabulary), averaged over the rows that count, shape []. Forward only.
+ */
+export function distillLoss(student: Tensor, teacher: Tensor, options: DistillOptions = {}): Tensor {
+  const op = 'distillLoss';
+  const hs = checkTensor(student, op, 'student');
+  const ht = checkTensor(teacher, op, 'teacher');
+  const kind = options.kind ?? 'forward_kl';
+  if (!['forward_kl', 'reverse_kl', 'jsd'].includes(kind)) throw new TypeError(`${op}: kind must be 'forward_kl', 'reverse_kl' or 'jsd', got ${String(kind)}`);
+  const beta = options.beta ?? 0.5;
+  const temperature = options.temperature ?? 1;
+  if (typeof beta !== 'number' || !(beta >= 0 && beta <= 1)) throw new RangeError(`${op}: beta must be in [0, 1], got ${String(beta)}`);
+  if (typeof temperature !== 'number' || !Number.isFinite(temperature) || !(temperature > 0)) throw new RangeError(`${op}: temperature must be a finite number > 0, got ${String(temperature)}`);
+  const targets = options.targets === undefined ? null : checkTensor(options.targets, op, 'targets');
+  return Tensor.fromNative(native().distillLoss(hs, ht, targets, kind, beta, temperature, checkIgnoreIndex(op, options.ignoreIndex ?? -100)));
+}

@@ -458,6 +458,24 @@ Napi::Value DpoLoss(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value DistillLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    tk::DistillParams p;
+    std::string kind = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+    if (kind == "forward_kl") p.kind = tk::DistillKind::ForwardKl;
+    else if (kind == "reverse_kl") p.kind = tk::DistillKind::ReverseKl;
+    else if (kind == "jsd") p.kind = tk::DistillKind::Jsd;
+    else tk::fail("distillLoss: unknown kind '", kind, "': use 'forward_kl', 'reverse_kl' or 'jsd'");
+    p.beta = float(arg_number(info[4], "beta"));
+    p.temperature = float(arg_number(info[5], "temperature"));
+    p.ignore_index = arg_ignore_index(info[6]);
+    const tk::Tensor* targets = info[2].IsNull() || info[2].IsUndefined() ? nullptr : &NativeTensor::From(info[2], "targets");
+    return NativeTensor::Wrap(env, tk::ops::distill_loss(NativeTensor::From(info[0], "student"), NativeTensor::From(info[1], "teacher"),
+                                                         targets, p));
+  });
+}
+
 Napi::Value Nf4Quantize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -632,6 +650,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("crossEntropy", Napi::Function::New(env, CrossEntropy));
   exports.Set("sequenceLogprobs", Napi::Function::New(env, SequenceLogprobs));
   exports.Set("dpoLoss", Napi::Function::New(env, DpoLoss));
+  exports.Set("distillLoss", Napi::Function::New(env, DistillLoss));
   exports.Set("nf4Quantize", Napi::Function::New(env, Nf4Quantize));
   exports.Set("nf4Dequantize", Napi::Function::New(env, Nf4Dequantize));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));

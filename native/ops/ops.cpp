@@ -562,6 +562,28 @@ DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, c
   return r;
 }
 
+TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tensor* targets, const DistillParams& params) {
+  const char* op = "distillLoss";
+  same_device(op, student, teacher);
+  check_float_storage(op, "student", student);
+  check_float_storage(op, "teacher", teacher);
+  TK_CHECK(student.shape() == teacher.shape(), op, ": student ", student.describe(), " and teacher ", teacher.describe(),
+           " must have the same shape (a teacher with another vocabulary cannot be distilled token by token)");
+  TK_CHECK(!student.shape().empty() && student.shape().back() > 0, op, ": logits ", student.describe(),
+           " need a non-empty vocabulary axis");
+  TK_CHECK(std::isfinite(params.temperature) && params.temperature > 0, op, ": temperature must be a finite number > 0, got ",
+           params.temperature);
+  TK_CHECK(params.beta >= 0 && params.beta <= 1, op, ": beta must be in [0, 1], got ", params.beta);
+  if (targets) check_logits(op, student, *targets);
+  const int64_t N = student.numel() / student.shape().back();
+  TensorPtr losses = empty({N}, DType::F32, student.device());
+  TensorPtr loss = empty({}, DType::F32, student.device());
+  TensorView sv = student.view(), tv = teacher.view(), lv = losses->view(), ov = loss->view();
+  TensorView gv = targets ? targets->view() : TensorView{};
+  launch(op, student.device(), {[=](ThreadPool& pool) { distill_forward_cpu(sv, tv, gv, params, lv, ov, pool); }, nullptr});
+  return loss;
+}
+
 Nf4Tensors nf4_quantize(const Tensor& w, int64_t block_size, bool double_quant) {
   const char* op = "nf4.quantize";
   check_float_storage(op, "w", w);

@@ -11,6 +11,7 @@
 
 #include "../core/runtime.h"
 #include "../core/tensor.h"
+#include "../cpu/distill.h"
 #include "../cpu/elementwise.h"
 #include "../cpu/loss.h"
 #include "../cpu/nf4.h"
@@ -108,6 +109,9 @@ struct DpoResult {
 // Sequence log-probs [B] f32 of the policy and the reference on chosen and rejected answers.
 DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
                    const Tensor& ref_rejected, const DpoParams& params);
+// Distillation loss of student against teacher logits [..., V] at a temperature, scaled by T^2,
+// averaged over rows whose target (optional i32 [...]) is not ignore_index -> [] f32.
+TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tensor* targets, const DistillParams& params);
 // NF4 (QLoRA) storage of a weight: packed u8 codes [ceil(n/2)] and the absmax per block, either
 // f32 [nblocks] or, with double quantization, u8 codes [nblocks] + f32 scales [ceil(nblocks/256)]
 // + one f32 offset.
