@@ -49,20 +49,7 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_ATTN_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_ATTN_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 namespace {
@@ -149,7 +136,7 @@ void ds_scalar_portable(float* s, float* dp, int n, float lse, float delta) {
   }
 }
 
-#if TK_ATTN_X86
+#if TK_SIMD_X86
 // Cephes expf constants: exp(x) = 2^n e^r, r = x - n ln2 (ln2 split in two), |r| <= ln2 / 2.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;
@@ -361,10 +348,10 @@ TK_AVX2 void ds_scalar_avx2(float* s, float* dp, int n, float lse, float delta) 
     _mm256_storeu_ps(dp + j, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd)));
   }
 }
-#endif  // TK_ATTN_X86
+#endif  // TK_SIMD_X86
 
 Kernels kernels() {
-#if TK_ATTN_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return {gemm_avx512, softmax_row_avx512, ds_vec_avx512, ds_scalar_avx512};
   if (isa >= CpuIsa::Avx2) return {gemm_avx2, softmax_row_avx2, ds_vec_avx2, ds_scalar_avx2};

@@ -37,19 +37,7 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_DISTILL_X86 1
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_DK_AVX2_ATTR __attribute__((target("avx2,fma,f16c")))
-#define TK_DK_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_DISTILL_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 
@@ -107,40 +95,22 @@ struct VecScalar {
   static float hmax(T v) { return v; }
 };
 
-#if TK_DISTILL_X86
+#if TK_SIMD_X86
 struct VecAvx2 {
   using T = __m256;
   static constexpr int W = 8;
-  TK_DK_AVX2_ATTR static T load(const float* p) { return _mm256_loadu_ps(p); }
-  TK_DK_AVX2_ATTR static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  TK_DK_AVX2_ATTR static T set(float x) { return _mm256_set1_ps(x); }
-  TK_DK_AVX2_ATTR static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  TK_DK_AVX2_ATTR static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  TK_DK_AVX2_ATTR static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  TK_DK_AVX2_ATTR static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  TK_DK_AVX2_ATTR static T max(T a, T b) { return _mm256_max_ps(a, b); }
-  TK_DK_AVX2_ATTR static T min(T a, T b) { return _mm256_min_ps(a, b); }
-  // exp(a) for a <= 0; 0 below ln(FLT_MIN) and for NaN.
-  TK_DK_AVX2_ATTR static T exp_nonpos(T a) {
-    const __m256 lo = _mm256_set1_ps(-87.33654f);
-    __m256 under = _mm256_cmp_ps(a, lo, _CMP_NGE_UQ);
-    a = _mm256_max_ps(a, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), a);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-  }
+  TK_AVX2 static T load(const float* p) { return _mm256_loadu_ps(p); }
+  TK_AVX2 static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  TK_AVX2 static T set(float x) { return _mm256_set1_ps(x); }
+  TK_AVX2 static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  TK_AVX2 static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  TK_AVX2 static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  TK_AVX2 static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  TK_AVX2 static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  TK_AVX2 static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  TK_AVX2 static T exp_nonpos(T a) { return simd::exp_nonpos8(a); }  // 0 below ln(FLT_MIN) and for NaN
   // log(1 + u) for u in [0, 1].
-  TK_DK_AVX2_ATTR static T log1p_unit(T u) {
+  TK_AVX2 static T log1p_unit(T u) {
     __m256 w = _mm256_add_ps(u, _mm256_set1_ps(1.0f));
     __m256 big = _mm256_cmp_ps(w, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
     __m256 e = _mm256_and_ps(big, _mm256_set1_ps(1.0f));
@@ -160,17 +130,17 @@ struct VecAvx2 {
     y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
     return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(x, y));
   }
-  TK_DK_AVX2_ATTR static T keep_first(T v, int k) {
+  TK_AVX2 static T keep_first(T v, int k) {
     __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return _mm256_and_ps(v, _mm256_castsi256_ps(m));
   }
-  TK_DK_AVX2_ATTR static float hsum(T v) {
+  TK_AVX2 static float hsum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  TK_DK_AVX2_ATTR static float hmax(T v) {
+  TK_AVX2 static float hmax(T v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
@@ -181,34 +151,17 @@ struct VecAvx2 {
 struct VecAvx512 {
   using T = __m512;
   static constexpr int W = 16;
-  TK_DK_AVX512_ATTR static T load(const float* p) { return _mm512_loadu_ps(p); }
-  TK_DK_AVX512_ATTR static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  TK_DK_AVX512_ATTR static T set(float x) { return _mm512_set1_ps(x); }
-  TK_DK_AVX512_ATTR static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  TK_DK_AVX512_ATTR static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  TK_DK_AVX512_ATTR static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  TK_DK_AVX512_ATTR static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  TK_DK_AVX512_ATTR static T max(T a, T b) { return _mm512_max_ps(a, b); }
-  TK_DK_AVX512_ATTR static T min(T a, T b) { return _mm512_min_ps(a, b); }
-  TK_DK_AVX512_ATTR static T exp_nonpos(T a) {
-    const __m512 lo = _mm512_set1_ps(-87.33654f);
-    __mmask16 ok = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);
-    a = _mm512_max_ps(a, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(ok, p, _mm512_castsi512_ps(e));
-  }
-  TK_DK_AVX512_ATTR static T log1p_unit(T u) {
+  TK_AVX512 static T load(const float* p) { return _mm512_loadu_ps(p); }
+  TK_AVX512 static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  TK_AVX512 static T set(float x) { return _mm512_set1_ps(x); }
+  TK_AVX512 static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  TK_AVX512 static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  TK_AVX512 static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  TK_AVX512 static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  TK_AVX512 static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  TK_AVX512 static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  TK_AVX512 static T exp_nonpos(T a) { return simd::exp_nonpos16(a); }  // 0 below ln(FLT_MIN) and for NaN
+  TK_AVX512 static T log1p_unit(T u) {
     __m512 w = _mm512_add_ps(u, _mm512_set1_ps(1.0f));
     __mmask16 big = _mm512_cmp_ps_mask(w, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
     __m512 e = _mm512_maskz_mov_ps(big, _mm512_set1_ps(1.0f));
@@ -228,11 +181,11 @@ struct VecAvx512 {
     y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
     return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(x, y));
   }
-  TK_DK_AVX512_ATTR static T keep_first(T v, int k) { return _mm512_maskz_mov_ps(__mmask16((1u << k) - 1u), v); }
-  TK_DK_AVX512_ATTR static float hsum(T v) { return _mm512_reduce_add_ps(v); }
-  TK_DK_AVX512_ATTR static float hmax(T v) { return _mm512_reduce_max_ps(v); }
+  TK_AVX512 static T keep_first(T v, int k) { return _mm512_maskz_mov_ps(__mmask16((1u << k) - 1u), v); }
+  TK_AVX512 static float hsum(T v) { return _mm512_reduce_add_ps(v); }
+  TK_AVX512 static float hmax(T v) { return _mm512_reduce_max_ps(v); }
 };
-#endif  // TK_DISTILL_X86
+#endif  // TK_SIMD_X86
 
 }  // namespace
 
@@ -246,15 +199,15 @@ struct VecAvx512 {
 #undef TK_DK_ATTR
 #undef TK_DK_VEC
 #undef TK_DK_NS
-#if TK_DISTILL_X86
-#define TK_DK_ATTR TK_DK_AVX2_ATTR
+#if TK_SIMD_X86
+#define TK_DK_ATTR TK_AVX2
 #define TK_DK_VEC VecAvx2
 #define TK_DK_NS dk_avx2
 #include "distill.cpp"
 #undef TK_DK_ATTR
 #undef TK_DK_VEC
 #undef TK_DK_NS
-#define TK_DK_ATTR TK_DK_AVX512_ATTR
+#define TK_DK_ATTR TK_AVX512
 #define TK_DK_VEC VecAvx512
 #define TK_DK_NS dk_avx512
 #include "distill.cpp"
@@ -269,7 +222,7 @@ namespace {
 using RowFn = float (*)(const RowParams&, const RowData&);
 
 RowFn pick_row_fn() {
-#if TK_DISTILL_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return dk_avx512::row;
   if (isa >= CpuIsa::Avx2) return dk_avx2::row;

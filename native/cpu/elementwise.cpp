@@ -36,20 +36,7 @@
 #include "../core/error.h"
 #include "../core/rng.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_EW_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_EW_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 namespace {
@@ -66,7 +53,7 @@ constexpr int64_t kStripL = 256;          // transpose task extent along the des
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_EW_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -135,7 +122,7 @@ void narrow_scalar(DType t, const float* s, uint16_t* d, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(s[i]);
 }
 
-#if TK_EW_X86
+#if TK_SIMD_X86
 // ---- AVX2 (tails fall back to the portable code) -------------------------------------------------
 
 template <BinaryOp OP>
@@ -413,13 +400,13 @@ TK_AVX512 void transpose16x16_avx512(const float* src, int64_t ss, float* dst, i
   }
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, r[i]);
 }
-#endif  // TK_EW_X86
+#endif  // TK_SIMD_X86
 
 // ---- dispatch ------------------------------------------------------------------------------------
 
 template <BinaryOp OP>
 void binary_f32(Level L, const float* a, const float* b, float* o, int64_t n) {
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return binary_avx512<OP>(a, b, o, n);
   if (L == Level::Avx2) return binary_avx2<OP>(a, b, o, n);
 #endif
@@ -435,7 +422,7 @@ void binary_f32(Level L, BinaryOp op, const float* a, const float* b, float* o, 
 }
 
 void scale_f32(Level L, const float* x, float alpha, float* o, int64_t n) {
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return scale_avx512(x, alpha, o, n);
   if (L == Level::Avx2) return scale_avx2(x, alpha, o, n);
 #endif
@@ -444,7 +431,7 @@ void scale_f32(Level L, const float* x, float alpha, float* o, int64_t n) {
 
 // acc[0, n) += x[0, n)
 void add_f32(Level L, float* acc, const float* x, int64_t n) {
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return add_avx512(acc, x, n);
   if (L == Level::Avx2) return add_avx2(acc, x, n);
 #endif
@@ -453,7 +440,7 @@ void add_f32(Level L, float* acc, const float* x, int64_t n) {
 
 // acc[0, n) += (a + b) + (c + d): four rows per pass over the accumulator.
 void add4_f32(Level L, float* acc, const float* a, const float* b, const float* c, const float* d, int64_t n) {
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return add4_avx512(acc, a, b, c, d, n);
   if (L == Level::Avx2) return add4_avx2(acc, a, b, c, d, n);
 #endif
@@ -467,7 +454,7 @@ float sum_f32(Level L, const float* p, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s += p[i];
     return s;
   }
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return sum_avx512(p, n);
   if (L == Level::Avx2) return sum_avx2(p, n);
 #endif
@@ -481,7 +468,7 @@ void widen(Level L, DType t, const void* src, float* dst, int64_t n) {
     return;
   }
   const uint16_t* s = static_cast<const uint16_t*>(src);
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return widen_avx512(t, s, dst, n);
   if (L == Level::Avx2) return widen_avx2(t, s, dst, n);
 #endif
@@ -495,7 +482,7 @@ void narrow(Level L, DType t, const float* src, void* dst, int64_t n) {
     return;
   }
   uint16_t* d = static_cast<uint16_t*>(dst);
-#if TK_EW_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return narrow_avx512(t, src, d, n);
   if (L == Level::Avx2) return narrow_avx2(t, src, d, n);
 #endif
@@ -848,7 +835,7 @@ void transpose_strips(Level L, const TransposePlan& p, const S* src, D* dst, int
     for (int64_t l0 = sl_idx * kStripL; l0 < l_end; l0 += kLineL) {
       const int64_t nl = std::min(kLineL, l_end - l0);
       int64_t kb = 0;  // columns [0, kb) done by the register transpose
-#if TK_EW_X86
+#if TK_SIMD_X86
       if constexpr (std::is_same<S, D>::value && sizeof(S) == 4) {  // a plain 4-byte move
         const float* s = reinterpret_cast<const float*>(src + soff + l0 * sl + k0);
         float* d = reinterpret_cast<float*>(dst + doff + k0 * dk + l0);

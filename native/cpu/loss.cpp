@@ -35,22 +35,16 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_LOSS_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_LOSS_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
+
+#if TK_SIMD_X86
+using simd::bf16_round16;
+using simd::bf16_round8;
+using simd::exp_nonpos16;
+using simd::exp_nonpos8;
+#endif
 
 const char* reduction_name(LossReduction r) {
   switch (r) {
@@ -79,7 +73,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_LOSS_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -140,28 +134,8 @@ void row_grad_scalar(const float* x, int64_t n, float lse, float scale, float* g
   for (int64_t i = 0; i < n; ++i) g[i] = std::exp(x[i] - lse) * scale;
 }
 
-#if TK_LOSS_X86
+#if TK_SIMD_X86
 // ================================ AVX2 ============================================================
-
-// exp(a) for a <= 0; 0 below ln(FLT_MIN) and for NaN.
-TK_AVX2 inline __m256 exp_nonpos8(__m256 a) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
-  __m256 under = _mm256_cmp_ps(a, lo, _CMP_NGE_UQ);  // below, or NaN
-  a = _mm256_max_ps(a, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), a);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 // Lanes [0, k) of an 8-lane vector, 0 < k <= 8, as an integer mask for maskload/maskstore.
 TK_AVX2 inline __m256i tail_mask8(int64_t k) {
@@ -175,16 +149,6 @@ TK_AVX2 void widen_avx2(const uint16_t* s, float* d, int64_t n) {
     _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
   }
   widen_scalar(s + i, d + i, n - i);
-}
-
-TK_AVX2 inline __m128i bf16_round8(__m256 x) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x400000);
-  __m256i u = _mm256_castps_si256(x);
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, quiet), nan);
-  r = _mm256_srli_epi32(r, 16);  // every lane <= 0xffff, so the unsigned pack below is exact
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 TK_AVX2 void narrow_avx2(const float* s, uint16_t* d, int64_t n) {
@@ -277,40 +241,12 @@ TK_AVX2 void row_grad_avx2(const float* x, int64_t n, float lse, float scale, fl
 
 TK_AVX512 inline __mmask16 tail_mask(int64_t k) { return __mmask16((1u << k) - 1u); }
 
-// exp(a) for a <= 0; 0 below ln(FLT_MIN) and for NaN.
-TK_AVX512 inline __m512 exp_nonpos16(__m512 a) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  __mmask16 ok = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);  // false below ln(FLT_MIN) and for NaN
-  a = _mm512_max_ps(a, lo);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(ok, p, _mm512_castsi512_ps(e));
-}
-
 TK_AVX512 void widen_avx512(const uint16_t* s, float* d, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : tail_mask(n - i);
     __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + i));
     _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
   }
-}
-
-TK_AVX512 inline __m256i bf16_round16(__m512 x) {
-  __m512i u = _mm512_castps_si512(x);
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
 TK_AVX512 void narrow_avx512(const float* s, uint16_t* d, int64_t n) {
@@ -384,11 +320,11 @@ TK_AVX512 void row_grad_avx512(const float* x, int64_t n, float lse, float scale
     _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vl)), vs));
   }
 }
-#endif  // TK_LOSS_X86
+#endif  // TK_SIMD_X86
 
 // ================================ dispatch =======================================================
 
-#if TK_LOSS_X86
+#if TK_SIMD_X86
 #define TK_DISPATCH(L, name, ...)                                \
   do {                                                           \
     if ((L) == Level::Avx512) return name##_avx512(__VA_ARGS__); \

@@ -31,20 +31,7 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_NF4_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_NF4_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 
@@ -121,7 +108,7 @@ constexpr int64_t kGrainElems = 32768; // elements below which a second thread c
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_NF4_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -258,7 +245,7 @@ void deq_run_scalar(const uint8_t* packed, const float* amax, int64_t nb, int64_
   }
 }
 
-#if TK_NF4_X86
+#if TK_SIMD_X86
 // ---- AVX2 -----------------------------------------------------------------------------------------
 
 TK_AVX2 inline __m128i bf16_round8(__m256 y) {
@@ -451,7 +438,7 @@ void nf4_dequantize_cpu(const Nf4In& in, int64_t numel, int64_t block_size, bool
       const uint8_t* p = in.packed + s / 2;
       float* o = of ? of + s : nullptr;
       uint16_t* h = ob ? ob + s : nullptr;
-#if TK_NF4_X86
+#if TK_SIMD_X86
       if (lv == Level::Avx512) { deq_run_avx512(p, amax, c1 - c0, block_size, numel - s, o, h); continue; }
       if (lv == Level::Avx2) { deq_run_avx2(p, amax, c1 - c0, block_size, numel - s, o, h); continue; }
 #endif

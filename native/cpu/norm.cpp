@@ -26,22 +26,16 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_NORM_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_NORM_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
+
+#if TK_SIMD_X86
+using simd::bf16_round16;
+using simd::bf16_round8;
+using simd::exp_nonpos16;
+using simd::exp_nonpos8;
+#endif
 namespace {
 
 constexpr int64_t kGrain = 16384;      // elements per thread below which threading does not pay
@@ -53,7 +47,7 @@ constexpr int64_t kColAlign = 16;      // dtable column ranges: whole 64-byte li
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_NORM_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -138,7 +132,7 @@ void swiglu_bwd_scalar(const float* d, const float* g, const float* u, float* dg
   }
 }
 
-#if TK_NORM_X86
+#if TK_SIMD_X86
 // ================================ AVX2 (portable tails) ==========================================
 
 TK_AVX2 inline float hsum8(__m256 v) {
@@ -155,16 +149,6 @@ TK_AVX2 void widen_avx2(const uint16_t* s, float* d, int64_t n) {
     _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
   }
   widen_scalar(s + i, d + i, n - i);
-}
-
-TK_AVX2 inline __m128i bf16_round8(__m256 x) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x400000);
-  __m256i u = _mm256_castps_si256(x);
-  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, quiet), nan);
-  r = _mm256_srli_epi32(r, 16);  // every lane <= 0xffff, so the unsigned pack below is exact
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 TK_AVX2 void narrow_avx2(const float* s, uint16_t* d, int64_t n) {
@@ -250,26 +234,6 @@ TK_AVX2 void rms_bwd_avx2(const float* dy, const float* w, const float* x, float
   rms_bwd_scalar(dy + i, w + i, x + i, r, c, dx + i, dw + i, n - i);
 }
 
-// exp(a) for a <= 0 (or NaN, which gives a tiny finite value: callers multiply it by the NaN).
-TK_AVX2 inline __m256 exp_nonpos8(__m256 a) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN): below it the result is flushed to 0
-  __m256 under = _mm256_cmp_ps(a, lo, _CMP_LT_OQ);
-  a = _mm256_max_ps(a, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), a);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
 TK_AVX2 inline __m256 sigmoid8(__m256 g) {
   const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
   __m256 e = exp_nonpos8(_mm256_or_ps(g, sign));  // exp(-|g|)
@@ -314,15 +278,6 @@ TK_AVX512 void widen_avx512(const uint16_t* s, float* d, int64_t n) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + i));
     _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
   }
-}
-
-TK_AVX512 inline __m256i bf16_round16(__m512 x) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x400000);
-  __m512i u = _mm512_castps_si512(x);
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, u, quiet);
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
 TK_AVX512 void narrow_avx512(const float* s, uint16_t* d, int64_t n) {
@@ -423,26 +378,6 @@ TK_AVX512 void rms_bwd_avx512(const float* dy, const float* w, const float* x, f
   }
 }
 
-// exp(a) for a <= 0; see exp_nonpos8.
-TK_AVX512 inline __m512 exp_nonpos16(__m512 a) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  __mmask16 ok = _mm512_cmp_ps_mask(a, lo, _CMP_GE_OQ);  // false below ln(FLT_MIN) and for NaN
-  a = _mm512_max_ps(a, lo);
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(ok, p, _mm512_castsi512_ps(e));
-}
-
 TK_AVX512 inline __m512 sigmoid16(__m512 g) {
   const __m512 one = _mm512_set1_ps(1.0f);
   __m512 e = exp_nonpos16(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(g), _mm512_set1_epi32(int(0x80000000u)))));
@@ -469,11 +404,11 @@ TK_AVX512 void swiglu_bwd_avx512(const float* d, const float* g, const float* u,
     _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(vd, vu), ds));
   }
 }
-#endif  // TK_NORM_X86
+#endif  // TK_SIMD_X86
 
 // ================================ dispatch =======================================================
 
-#if TK_NORM_X86
+#if TK_SIMD_X86
 #define TK_DISPATCH(L, name, ...)                                     \
   do {                                                                \
     if ((L) == Level::Avx512) return name##_avx512(__VA_ARGS__);      \

@@ -29,20 +29,7 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_OPT_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_OPT_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 namespace {
@@ -54,7 +41,7 @@ constexpr int64_t kNormPart = int64_t(1) << 16;  // elements per norm part (fixe
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_OPT_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -125,7 +112,7 @@ void scale_scalar(GT* g, int64_t n, float coef) {
   for (int64_t i = 0; i < n; ++i) st(g, i, ld(g, i) * coef);
 }
 
-#if TK_OPT_X86
+#if TK_SIMD_X86
 // A zero-padded stack copy of the last r < W elements of a tensor, so that tails run through the
 // same vector code as full vectors (and every element gets the same operations).
 template <int W, class PT, class GT>
@@ -340,13 +327,13 @@ TK_AVX512 void scale_avx512(GT* g, int64_t n, float coef) {
     std::memcpy(g + i, tail, size_t(n - i) * sizeof(GT));
   }
 }
-#endif  // TK_OPT_X86
+#endif  // TK_SIMD_X86
 
 // ================================ dispatch ========================================================
 
 template <class PT, class GT>
 void adamw_typed(Level L, PT* p, const GT* g, float* m, float* v, int64_t n, const Coef& c) {
-#if TK_OPT_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return adamw_avx512(p, g, m, v, n, c);
   if (L == Level::Avx2) return adamw_avx2(p, g, m, v, n, c);
 #endif
@@ -372,7 +359,7 @@ void adamw_range(Level L, const AdamWTensor& t, int64_t lo, int64_t hi, const Co
 
 template <class GT>
 double sumsq_typed(Level L, const GT* g, int64_t n) {
-#if TK_OPT_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return sumsq_avx512(g, n);
   if (L == Level::Avx2) return sumsq_avx2(g, n);
 #endif
@@ -386,7 +373,7 @@ double sumsq_range(Level L, const GradTensor& t, int64_t lo, int64_t hi) {
 
 template <class GT>
 void scale_typed(Level L, GT* g, int64_t n, float coef) {
-#if TK_OPT_X86
+#if TK_SIMD_X86
   if (L == Level::Avx512) return scale_avx512(g, n, coef);
   if (L == Level::Avx2) return scale_avx2(g, n, coef);
 #endif

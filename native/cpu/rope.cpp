@@ -27,20 +27,7 @@
 
 #include "../core/error.h"
 #include "isa.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define TK_ROPE_X86 1
-// GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#define TK_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#else
-#define TK_ROPE_X86 0
-#endif
+#include "simd.h"
 
 namespace tk {
 
@@ -159,7 +146,7 @@ constexpr int64_t kGrain = 32768;       // elements below which a second thread 
 enum class Level { Scalar, Avx2, Avx512 };
 
 Level level() {
-#if TK_ROPE_X86
+#if TK_SIMD_X86
   CpuIsa isa = active_isa();
   if (isa >= CpuIsa::Avx512) return Level::Avx512;
   if (isa >= CpuIsa::Avx2) return Level::Avx2;
@@ -194,7 +181,7 @@ void rotate_bf16_scalar(const uint16_t* x, uint16_t* o, const float* c, const fl
   }
 }
 
-#if TK_ROPE_X86
+#if TK_SIMD_X86
 // ---- AVX2 ------------------------------------------------------------------------------------
 
 TK_AVX2 inline __m256 load_bf16x8(const uint16_t* p) {
@@ -336,7 +323,7 @@ void rope_apply(const char* op, const char* xname, const char* outname, const Te
 
   RotateF32 rot_f32 = rotate_f32_scalar;
   RotateBf16 rot_bf16 = rotate_bf16_scalar;
-#if TK_ROPE_X86
+#if TK_SIMD_X86
   switch (level()) {
     case Level::Avx512: rot_f32 = rotate_f32_avx512; rot_bf16 = rotate_bf16_avx512; break;
     case Level::Avx2: rot_f32 = rotate_f32_avx2; rot_bf16 = rotate_bf16_avx2; break;
