@@ -1,4 +1,5 @@
 // tunekit: fine-tune large language models from Node.js. The public surface (DESIGN.md).
+export { checkpoint, isGradEnabled, noGrad } from './autograd.js';
 export { DisposedError, NativeLoadError } from './errors.js';
 export { info, memory, setThreads, synchronize, type Info } from './runtime.js';
 export { scope, tidy, Scope } from './scope.js';
@@ -20,3 +21,4 @@ export {
 export { version } from './version.js';
 export * as ops from './ops/index.js';
 export * as nf4 from './nf4.js';
+export * as optim from './optim/index.js';

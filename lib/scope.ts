@@ -115,6 +115,20 @@ export function tidy<T>(fn: () => T): T {
   return result;
 }
 
+/**
+ * @internal Runs fn in a scope with no parent: tensors fn makes are disposed at the end unless
+ * fn keeps them with `s.keep(t)`, which leaves them owned by nobody (gradients, optimizer state:
+ * their owner disposes them). Synchronous only.
+ */
+export function detached<T>(fn: (s: Scope) => T): T {
+  const s = new Scope(undefined);
+  try {
+    return current.run(s, () => fn(s));
+  } finally {
+    s.dispose();
+  }
+}
+
 function isTensor(x: unknown): x is Tensor {
   return typeof x === 'object' && x !== null && typeof (x as Tensor).handle === 'function' && 'shape' in x && 'dtype' in x;
 }

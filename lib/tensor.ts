@@ -2,9 +2,10 @@
 // Work on tensors is enqueued on the device's queue and returns at once; values come back with
 // `await t.toArray()`. Memory is released explicitly (dispose, `using`, scopes): the garbage
 // collector cannot see device memory, so the native finalizer is only a safety net.
+import { backward as runBackward, record, type GradNode } from './autograd.js';
 import { DisposedError } from './errors.js';
 import { native, type DType, type NativeTensor } from './native.js';
-import { track } from './scope.js';
+import { detached, track } from './scope.js';
 
 export type { DType } from './native.js';
 export type Device = 'cpu' | 'cuda' | `cuda:${number}`;
@@ -20,6 +21,9 @@ const constructToken = Symbol('tunekit.tensor');
 
 export class Tensor {
   #handle: NativeTensor | null;
+  #requiresGrad = false;
+  #grad: Tensor | null = null;
+  #gradFn: GradNode | null = null;
   readonly shape: readonly number[];
   readonly dtype: DType;
   readonly device: string;
@@ -67,23 +71,105 @@ export class Tensor {
   /** A copy on another device, or in another dtype. */
   to(target: Device | DType): Tensor {
     const h = this.handle('to');
-    if ((DTYPES as readonly string[]).includes(target)) return Tensor.fromNative(native().cast(h, target as DType));
+    if ((DTYPES as readonly string[]).includes(target)) {
+      const from = this.dtype;
+      const out = Tensor.fromNative(native().cast(h, target as DType));
+      return record(out, 'cast', [this], [], (g) => [g.to(from)]);
+    }
     if (typeof target !== 'string' || !DEVICE_PATTERN.test(target))
       throw new TypeError(`to: ${describe(target)} is neither a device ('cpu', 'cuda', 'cuda:N') nor a dtype (${DTYPES.map((d) => `'${d}'`).join(', ')})`);
-    return Tensor.fromNative(native().toDevice(h, target));
+    const from = this.device;
+    const out = Tensor.fromNative(native().toDevice(h, target));
+    return record(out, 'to', [this], [], (g) => [g.to(from as Device)]);
   }
 
   /** A tensor with the same values in another shape (shares memory; -1 infers one size). */
   reshape(shape: readonly number[]): Tensor {
     const h = this.handle('reshape');
-    return Tensor.fromNative(native().reshape(h, inferShape(shape, this.size, 'reshape')));
+    const from = [...this.shape];
+    const out = Tensor.fromNative(native().reshape(h, inferShape(shape, this.size, 'reshape')));
+    return record(out, 'reshape', [this], [], (g) => [g.reshape(from)]);
   }
 
-  /** Releases the memory once queued work that reads it has run. Idempotent. */
+  // ---- autograd --------------------------------------------------------------------------------
+
+  /**
+   * Whether gradients flow to this tensor. Set it on leaves (parameters); outputs of ops get it
+   * when one of their inputs has it (outside tk.noGrad).
+   */
+  get requiresGrad(): boolean {
+    return this.#requiresGrad;
+  }
+
+  set requiresGrad(value: boolean) {
+    if (typeof value !== 'boolean') throw new TypeError('requiresGrad must be a boolean');
+    if (this.#gradFn) throw new Error('requiresGrad can only be set on leaf tensors (this one was made by an op that records gradients); use t.detach() for a leaf copy');
+    if (value && this.dtype !== 'f32' && this.dtype !== 'bf16' && this.dtype !== 'f16')
+      throw new TypeError(`requiresGrad: only floating tensors can require gradients, this one is ${this.dtype}`);
+    this.#requiresGrad = value;
+  }
+
+  /** The accumulated gradient of a leaf after backward(), or null. Owned by this tensor: disposed with it. */
+  get grad(): Tensor | null {
+    return this.#grad;
+  }
+
+  set grad(value: Tensor | null) {
+    if (value !== null && !(value instanceof Tensor)) throw new TypeError('grad must be a Tensor or null');
+    if (value && value.shape.join() !== this.shape.join())
+      throw new RangeError(`grad: shape [${value.shape.join(', ')}] does not match the tensor's [${this.shape.join(', ')}]`);
+    if (this.#grad && this.#grad !== value) this.#grad.dispose();
+    this.#grad = value;
+  }
+
+  /** @internal The node that made this tensor, if it records gradients. */
+  get gradFn(): GradNode | null {
+    return this.#gradFn;
+  }
+
+  /** @internal */
+  attachGradFn(node: GradNode): void {
+    this.#gradFn = node;
+    this.#requiresGrad = true;
+  }
+
+  /** @internal Adds g (owned by nobody) into this leaf's gradient. */
+  accumulateGrad(g: Tensor): void {
+    if (this.#grad === null) {
+      this.#grad = g;
+      return;
+    }
+    const prev = this.#grad;
+    const sum = detached((s) => s.keep(Tensor.fromNative(native().binary('add', prev.handle('grad'), g.handle('grad')))));
+    prev.dispose();
+    g.dispose();
+    this.#grad = sum;
+  }
+
+  /**
+   * Backpropagates from this tensor: every leaf it depends on that requires a gradient gets
+   * d(this)/d(leaf) added into leaf.grad. grad defaults to 1 for a single-element tensor (a loss).
+   */
+  backward(grad?: Tensor): void {
+    this.handle('backward');
+    runBackward(this, grad);
+  }
+
+  /** The same values (shared memory) as a leaf without gradient history. */
+  detach(): Tensor {
+    return Tensor.fromNative(native().reshape(this.handle('detach'), [...this.shape]));
+  }
+
+  /** Releases the memory once queued work that reads it has run; also its grad. Idempotent. */
   dispose(): void {
     if (this.#handle === null) return;
     this.#handle.dispose();
     this.#handle = null;
+    this.#grad?.dispose();
+    this.#grad = null;
+    const node = this.#gradFn;
+    this.#gradFn = null;
+    node?.release();
   }
 
   [Symbol.dispose](): void {
@@ -205,6 +291,13 @@ function flatten(data: NestedNumbers, what: string): { values: number[]; shape: 
 export interface TensorOptions {
   dtype?: DType;
   device?: Device;
+  /** Make a leaf that accumulates gradients in t.grad (a trainable parameter). */
+  requiresGrad?: boolean;
+}
+
+function withGrad(t: Tensor, options: TensorOptions): Tensor {
+  if (options.requiresGrad) t.requiresGrad = true;
+  return t;
 }
 
 type HostData = NestedNumbers | Float32Array | Float64Array | Int32Array | Uint8Array | Uint16Array;
@@ -240,7 +333,7 @@ export function tensor(data: HostData, shape?: readonly number[], options: Tenso
   if (data instanceof Uint16Array) {
     if (dtype !== 'bf16' && dtype !== 'f16')
       throw new TypeError(`${what}: a Uint16Array holds raw bf16 or f16 bits; pass { dtype: 'bf16' } or { dtype: 'f16' }`);
-    return Tensor.fromNative(n.fromHost(data, dims, dtype, device));
+    return withGrad(Tensor.fromNative(n.fromHost(data, dims, dtype, device)), options);
   }
   if (dtype === 'i32' || dtype === 'u8') {
     const [lo, hi] = dtype === 'i32' ? [-(2 ** 31), 2 ** 31 - 1] : [0, 255];
@@ -250,14 +343,14 @@ export function tensor(data: HostData, shape?: readonly number[], options: Tenso
         throw new RangeError(`${what}: element ${i} (${v}) is not a ${dtype} value (integers from ${lo} to ${hi})`);
     }
     const typed = dtype === 'i32' ? Int32Array.from(values) : Uint8Array.from(values);
-    return Tensor.fromNative(n.fromHost(typed, dims, dtype, device));
+    return withGrad(Tensor.fromNative(n.fromHost(typed, dims, dtype, device)), options);
   }
   const f32 = data instanceof Float32Array ? data : Float32Array.from(values);
-  if (dtype === 'f32') return Tensor.fromNative(n.fromHost(f32, dims, 'f32', device));
+  if (dtype === 'f32') return withGrad(Tensor.fromNative(n.fromHost(f32, dims, 'f32', device)), options);
   // bf16 / f16: round natively (nearest even), through a temporary f32 tensor.
   const wide = n.fromHost(f32, dims, 'f32', device);
   try {
-    return Tensor.fromNative(n.cast(wide, dtype));
+    return withGrad(Tensor.fromNative(n.cast(wide, dtype)), options);
   } finally {
     wide.dispose();
   }
@@ -267,7 +360,7 @@ function filled(shape: readonly number[], value: number, options: TensorOptions,
   const dims = checkShape(shape, what);
   const dtype = checkDType(options.dtype ?? 'f32', what);
   const device = checkDevice(options.device ?? 'cpu', what);
-  return Tensor.fromNative(native().full(dims, dtype, device, value));
+  return withGrad(Tensor.fromNative(native().full(dims, dtype, device, value)), options);
 }
 
 export function zeros(shape: readonly number[], options: TensorOptions = {}): Tensor {
@@ -292,6 +385,21 @@ export interface RandnOptions extends TensorOptions {
 
 let seedSequence = Math.floor(Math.random() * 2 ** 32);
 
+/** @internal The seed sequence's position (checkpoint replays a function with the same seeds). */
+export function seedState(): number {
+  return seedSequence;
+}
+
+/** @internal */
+export function restoreSeedState(state: number): void {
+  seedSequence = state;
+}
+
+/** @internal The next seed of the sequence (randn without a seed, dropout masks). */
+export function nextSeed(): number {
+  return seedSequence++;
+}
+
 /** Sets the seed sequence that randn uses when no seed is given. */
 export function manualSeed(seed: number): void {
   if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`manualSeed: seed must be a non-negative integer, got ${seed}`);
@@ -305,13 +413,13 @@ export function randn(shape: readonly number[], options: RandnOptions = {}): Ten
   const dtype = checkDType(options.dtype ?? 'f32', what);
   if (dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'f16') throw new TypeError(`randn: dtype '${dtype}' is not a floating type; use 'f32', 'bf16' or 'f16'`);
   const device = checkDevice(options.device ?? 'cpu', what);
-  const seed = options.seed ?? seedSequence++;
+  const seed = options.seed ?? nextSeed();
   if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`randn: seed must be a non-negative integer, got ${seed}`);
   const mean = options.mean ?? 0;
   const std = options.std ?? 1;
   if (!Number.isFinite(mean) || !Number.isFinite(std) || std < 0)
     throw new RangeError(`randn: mean must be finite and std finite and >= 0, got mean ${mean}, std ${std}`);
-  return Tensor.fromNative(native().randn(dims, dtype, device, seed, mean, std));
+  return withGrad(Tensor.fromNative(native().randn(dims, dtype, device, seed, mean, std)), options);
 }
 
 export function bytesOf(dtype: DType): number {

@@ -1,3 +1,4 @@
+import { needsGrad, record } from '../autograd.js';
 import { native } from '../native.js';
 import { checkTensor, Tensor } from '../tensor.js';
 
@@ -12,8 +13,8 @@ export interface AttentionOptions {
 
 /**
  * Fused (flash-style) attention: q [B, T, H, D], k and v [B, S, Hkv, D] with H % Hkv == 0
- * (grouped-query) -> [B, T, H, D]. Never materializes the [T, S] scores. Forward only until the
- * autograd tape lands.
+ * (grouped-query) -> [B, T, H, D]. Never materializes the [T, S] scores; the backward pass
+ * recomputes them tile by tile from the saved log-sum-exp.
  */
 export function attention(q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions = {}): Tensor {
   const hq = checkTensor(q, 'attention', 'q');
@@ -25,5 +26,17 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options: AttentionOpt
   if (typeof scale !== 'number' || !Number.isFinite(scale) || scale < 0 || (options.scale !== undefined && scale === 0))
     throw new RangeError(`attention: scale must be a finite number > 0, got ${String(options.scale)}`);
   const seg = options.segmentIds === undefined ? null : checkTensor(options.segmentIds, 'attention', 'segmentIds');
-  return Tensor.fromNative(native().attention(hq, hk, hv, causal, scale, seg));
+  if (!needsGrad(q, k, v)) return Tensor.fromNative(native().attention(hq, hk, hv, causal, scale, seg));
+  const r = native().attentionTrain(hq, hk, hv, causal, scale, seg);
+  const out = Tensor.fromNative(r.out);
+  const lse = Tensor.fromNative(r.lse);
+  try {
+    const save = [q, k, v, out, lse, ...(options.segmentIds ? [options.segmentIds] : [])];
+    return record(out, 'attention', [q, k, v], save, (g, [sq, sk, sv, so, sl, ss]) => {
+      const d = native().attentionBackward(g.handle(), sq!.handle(), sk!.handle(), sv!.handle(), so!.handle(), sl!.handle(), causal, scale, ss ? ss.handle() : null);
+      return [Tensor.fromNative(d.dq), Tensor.fromNative(d.dk), Tensor.fromNative(d.dv)];
+    });
+  } finally {
+    lse.dispose();
+  }
 }

@@ -3,6 +3,6 @@ export { add, mul, scale, sub } from './elementwise.js';
 export { crossEntropy, distillLoss, dpoLoss, sequenceLogprobs, type CrossEntropyOptions, type DistillOptions, type DpoOptions, type DpoResult } from './loss.js';
 export { matmul, type MatmulOptions } from './matmul.js';
 export { embedding, rmsNorm, swiglu, type RmsNormOptions } from './norm.js';
-export { sum, type SumOptions } from './reduce.js';
+export { broadcastTo, sum, type SumOptions } from './reduce.js';
 export { rope, type RopeOptions, type RopeScaling } from './rope.js';
 export { cast, permute, reshape, transpose } from './shape.js';

@@ -1,3 +1,4 @@
+import { needsGrad, record } from '../autograd.js';
 import { native } from '../native.js';
 import { checkTensor, Tensor } from '../tensor.js';
 
@@ -15,21 +16,41 @@ export interface CrossEntropyOptions {
 
 /**
  * Cross entropy of logits [..., V] (f32 or bf16, computed in fp32 with an online logsumexp)
- * against i32 targets [...]: a scalar [] for mean and sum, [...] for none. Forward only.
+ * against i32 targets [...]: a scalar [] for mean and sum, [...] for none. Differentiable in logits.
  */
 export function crossEntropy(logits: Tensor, targets: Tensor, options: CrossEntropyOptions = {}): Tensor {
   const hl = checkTensor(logits, 'crossEntropy', 'logits');
   const ht = checkTensor(targets, 'crossEntropy', 'targets');
   const reduction = options.reduction ?? 'mean';
   if (!['mean', 'sum', 'none'].includes(reduction)) throw new TypeError(`crossEntropy: reduction must be 'mean', 'sum' or 'none', got ${String(reduction)}`);
-  return Tensor.fromNative(native().crossEntropy(hl, ht, checkIgnoreIndex('crossEntropy', options.ignoreIndex ?? -100), reduction));
+  const ignoreIndex = checkIgnoreIndex('crossEntropy', options.ignoreIndex ?? -100);
+  if (!needsGrad(logits)) return Tensor.fromNative(native().crossEntropy(hl, ht, ignoreIndex, reduction));
+  const r = native().crossEntropyTrain(hl, ht, ignoreIndex, reduction);
+  const lse = Tensor.fromNative(r.lse);
+  try {
+    return record(Tensor.fromNative(r.loss), 'crossEntropy', [logits], [logits, targets, lse], (g, [sl, st, ss]) => [
+      Tensor.fromNative(native().crossEntropyBackward(g.handle(), sl!.handle(), st!.handle(), ss!.handle(), ignoreIndex, reduction)),
+    ]);
+  } finally {
+    lse.dispose();
+  }
 }
 
-/** [B] sums of log p(target) over non-ignored positions, for logits [B, T, V] and targets [B, T]. Forward only. */
+/** [B] sums of log p(target) over non-ignored positions, for logits [B, T, V] and targets [B, T]. Differentiable in logits. */
 export function sequenceLogprobs(logits: Tensor, targets: Tensor, options: { ignoreIndex?: number } = {}): Tensor {
   const hl = checkTensor(logits, 'sequenceLogprobs', 'logits');
   const ht = checkTensor(targets, 'sequenceLogprobs', 'targets');
-  return Tensor.fromNative(native().sequenceLogprobs(hl, ht, checkIgnoreIndex('sequenceLogprobs', options.ignoreIndex ?? -100)));
+  const ignoreIndex = checkIgnoreIndex('sequenceLogprobs', options.ignoreIndex ?? -100);
+  if (!needsGrad(logits)) return Tensor.fromNative(native().sequenceLogprobs(hl, ht, ignoreIndex));
+  const r = native().sequenceLogprobsTrain(hl, ht, ignoreIndex);
+  const lse = Tensor.fromNative(r.lse);
+  try {
+    return record(Tensor.fromNative(r.out), 'sequenceLogprobs', [logits], [logits, targets, lse], (g, [sl, st, ss]) => [
+      Tensor.fromNative(native().sequenceLogprobsBackward(g.handle(), sl!.handle(), st!.handle(), ss!.handle(), ignoreIndex)),
+    ]);
+  } finally {
+    lse.dispose();
+  }
 }
 
 export interface DpoOptions {
@@ -50,7 +71,10 @@ export interface DpoResult {
   rejectedRewards: Tensor;
 }
 
-/** The DPO loss from f32 [B] sequence log-probs of the policy and the reference. Forward only. */
+/**
+ * The DPO loss from f32 [B] sequence log-probs of the policy and the reference. The loss is
+ * differentiable in the policy's log-probs; the rewards are reported values (no gradient), as in TRL.
+ */
 export function dpoLoss(policyChosen: Tensor, policyRejected: Tensor, refChosen: Tensor, refRejected: Tensor, options: DpoOptions = {}): DpoResult {
   const op = 'dpoLoss';
   const h = [checkTensor(policyChosen, op, 'policyChosen'), checkTensor(policyRejected, op, 'policyRejected'), checkTensor(refChosen, op, 'refChosen'), checkTensor(refRejected, op, 'refRejected')] as const;
@@ -61,7 +85,11 @@ export function dpoLoss(policyChosen: Tensor, policyRejected: Tensor, refChosen:
   if (!['sigmoid', 'ipo', 'hinge'].includes(kind)) throw new TypeError(`${op}: kind must be 'sigmoid', 'ipo' or 'hinge', got ${String(kind)}`);
   if (typeof ls !== 'number' || !(ls >= 0 && ls <= 0.5)) throw new RangeError(`${op}: labelSmoothing must be in [0, 0.5], got ${String(ls)}`);
   const r = native().dpoLoss(h[0], h[1], h[2], h[3], beta, kind, ls);
-  return { loss: Tensor.fromNative(r.loss), chosenRewards: Tensor.fromNative(r.chosenRewards), rejectedRewards: Tensor.fromNative(r.rejectedRewards) };
+  const loss = record(Tensor.fromNative(r.loss), 'dpoLoss', [policyChosen, policyRejected], [policyChosen, policyRejected, refChosen, refRejected], (g, [pc, pr, rc, rr]) => {
+    const d = native().dpoLossBackward(g.handle(), pc!.handle(), pr!.handle(), rc!.handle(), rr!.handle(), beta, kind, ls);
+    return [Tensor.fromNative(d.dChosen), Tensor.fromNative(d.dRejected)];
+  });
+  return { loss, chosenRewards: Tensor.fromNative(r.chosenRewards), rejectedRewards: Tensor.fromNative(r.rejectedRewards) };
 }
 
 export interface DistillOptions {
@@ -78,7 +106,8 @@ export interface DistillOptions {
 
 /**
  * Knowledge-distillation loss of student logits against teacher logits [..., V] (same
- * vocabulary), averaged over the rows that count, shape []. Forward only.
+ * vocabulary), averaged over the rows that count, shape []. Differentiable in the student's
+ * logits (the teacher is a constant).
  */
 export function distillLoss(student: Tensor, teacher: Tensor, options: DistillOptions = {}): Tensor {
   const op = 'distillLoss';
@@ -91,5 +120,10 @@ export function distillLoss(student: Tensor, teacher: Tensor, options: DistillOp
   if (typeof beta !== 'number' || !(beta >= 0 && beta <= 1)) throw new RangeError(`${op}: beta must be in [0, 1], got ${String(beta)}`);
   if (typeof temperature !== 'number' || !Number.isFinite(temperature) || !(temperature > 0)) throw new RangeError(`${op}: temperature must be a finite number > 0, got ${String(temperature)}`);
   const targets = options.targets === undefined ? null : checkTensor(options.targets, op, 'targets');
-  return Tensor.fromNative(native().distillLoss(hs, ht, targets, kind, beta, temperature, checkIgnoreIndex(op, options.ignoreIndex ?? -100)));
+  const ignoreIndex = checkIgnoreIndex(op, options.ignoreIndex ?? -100);
+  const out = Tensor.fromNative(native().distillLoss(hs, ht, targets, kind, beta, temperature, ignoreIndex));
+  const save = [student, teacher, ...(options.targets ? [options.targets] : [])];
+  return record(out, 'distillLoss', [student], save, (g, [ss, st, sy]) => [
+    Tensor.fromNative(native().distillLossBackward(g.handle(), ss!.handle(), st!.handle(), sy ? sy.handle() : null, kind, beta, temperature, ignoreIndex)),
+  ]);
 }

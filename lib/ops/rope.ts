@@ -1,3 +1,4 @@
+import { record } from '../autograd.js';
 import { native, type NativeRopeScaling } from '../native.js';
 import { checkTensor, Tensor } from '../tensor.js';
 
@@ -32,7 +33,7 @@ const TYPES = ['default', 'linear', 'dynamic', 'yarn', 'llama3'];
 
 /**
  * Rotary position embedding of x [B, T, H, D] in Hugging Face's half-rotation layout, with the
- * rope_scaling types linear, dynamic (NTK), yarn and llama3. Forward only until the autograd tape lands.
+ * rope_scaling types linear, dynamic (NTK), yarn and llama3. Differentiable in x.
  */
 export function rope(x: Tensor, options: RopeOptions = {}): Tensor {
   const hx = checkTensor(x, 'rope', 'x');
@@ -57,5 +58,7 @@ export function rope(x: Tensor, options: RopeOptions = {}): Tensor {
     if (!Number.isInteger(options.maxPositionEmbeddings) || options.maxPositionEmbeddings < 1) throw new RangeError(`rope: maxPositionEmbeddings must be a positive integer, got ${options.maxPositionEmbeddings}`);
     scaling.maxPositionEmbeddings = options.maxPositionEmbeddings;
   }
-  return Tensor.fromNative(native().rope(hx, positions, theta, scaling));
+  const out = Tensor.fromNative(native().rope(hx, positions, theta, scaling));
+  const saved = options.positions ? [options.positions] : [];
+  return record(out, 'rope', [x], saved, (g, [sp]) => [Tensor.fromNative(native().ropeBackward(g.handle(), sp ? sp.handle() : null, theta, scaling))]);
 }

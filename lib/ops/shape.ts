@@ -1,3 +1,4 @@
+import { record } from '../autograd.js';
 import { native } from '../native.js';
 import { checkTensor, Tensor, type DType } from '../tensor.js';
 
@@ -11,7 +12,11 @@ export function reshape(x: Tensor, shape: readonly number[]): Tensor {
 export function permute(x: Tensor, perm: readonly number[]): Tensor {
   const h = checkTensor(x, 'permute', 'x');
   if (!Array.isArray(perm) || perm.some((p) => !Number.isInteger(p))) throw new TypeError('permute: perm must be an array of integers');
-  return Tensor.fromNative(native().permute(h, [...perm]));
+  const out = Tensor.fromNative(native().permute(h, [...perm]));
+  const n = x.shape.length;
+  const inverse: number[] = new Array(n);
+  perm.forEach((p, i) => (inverse[p < 0 ? p + n : p] = i));
+  return record(out, 'permute', [x], [], (g) => [permute(g, inverse)]);
 }
 
 /** A contiguous copy with two axes swapped (by default the last two). */
@@ -25,7 +30,7 @@ export function transpose(x: Tensor, dim0 = -2, dim1 = -1): Tensor {
   const a = dim0 < 0 ? dim0 + n : dim0;
   const b = dim1 < 0 ? dim1 + n : dim1;
   [perm[a], perm[b]] = [perm[b]!, perm[a]!];
-  return Tensor.fromNative(native().permute(h, perm));
+  return permute(x, perm);
 }
 
 /** A copy converted to another dtype (rounding to nearest even; floats to ints truncate and saturate). */

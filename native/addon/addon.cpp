@@ -421,6 +421,51 @@ int32_t arg_ignore_index(const Napi::Value& v) {
   return int32_t(i);
 }
 
+const tk::Tensor* optional_tensor(const Napi::Value& v, const char* what) {
+  return v.IsNull() || v.IsUndefined() ? nullptr : &NativeTensor::From(v, what);
+}
+
+Napi::Object pair_to_js(Napi::Env env, const char* a, TensorPtr ta, const char* b, TensorPtr tb) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set(a, NativeTensor::Wrap(env, std::move(ta)));
+  out.Set(b, NativeTensor::Wrap(env, std::move(tb)));
+  return out;
+}
+
+std::vector<tk::Tensor*> arg_tensors(const Napi::Value& v, const char* what) {
+  if (!v.IsArray()) tk::fail(what, " must be an array of tensors");
+  auto arr = v.As<Napi::Array>();
+  std::vector<tk::Tensor*> out;
+  for (uint32_t i = 0; i < arr.Length(); ++i) out.push_back(&NativeTensor::From(arr.Get(i), what));
+  return out;
+}
+
+tk::DpoParams arg_dpo(const Napi::Value& beta, const Napi::Value& kind_v, const Napi::Value& smoothing) {
+  tk::DpoParams p;
+  p.beta = float(arg_number(beta, "beta"));
+  std::string kind = kind_v.IsString() ? kind_v.As<Napi::String>().Utf8Value() : "";
+  if (kind == "sigmoid") p.kind = tk::DpoKind::Sigmoid;
+  else if (kind == "ipo") p.kind = tk::DpoKind::Ipo;
+  else if (kind == "hinge") p.kind = tk::DpoKind::Hinge;
+  else tk::fail("dpoLoss: unknown kind '", kind, "': use 'sigmoid', 'ipo' or 'hinge'");
+  p.label_smoothing = float(arg_number(smoothing, "labelSmoothing"));
+  return p;
+}
+
+tk::DistillParams arg_distill(const Napi::Value& kind_v, const Napi::Value& beta, const Napi::Value& temperature,
+                              const Napi::Value& ignore_index) {
+  tk::DistillParams p;
+  std::string kind = kind_v.IsString() ? kind_v.As<Napi::String>().Utf8Value() : "";
+  if (kind == "forward_kl") p.kind = tk::DistillKind::ForwardKl;
+  else if (kind == "reverse_kl") p.kind = tk::DistillKind::ReverseKl;
+  else if (kind == "jsd") p.kind = tk::DistillKind::Jsd;
+  else tk::fail("distillLoss: unknown kind '", kind, "': use 'forward_kl', 'reverse_kl' or 'jsd'");
+  p.beta = float(arg_number(beta, "beta"));
+  p.temperature = float(arg_number(temperature, "temperature"));
+  p.ignore_index = arg_ignore_index(ignore_index);
+  return p;
+}
+
 Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -440,14 +485,7 @@ Napi::Value SequenceLogprobs(const Napi::CallbackInfo& info) {
 Napi::Value DpoLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
-    tk::DpoParams p;
-    p.beta = float(arg_number(info[4], "beta"));
-    std::string kind = info[5].IsString() ? info[5].As<Napi::String>().Utf8Value() : "";
-    if (kind == "sigmoid") p.kind = tk::DpoKind::Sigmoid;
-    else if (kind == "ipo") p.kind = tk::DpoKind::Ipo;
-    else if (kind == "hinge") p.kind = tk::DpoKind::Hinge;
-    else tk::fail("dpoLoss: unknown kind '", kind, "': use 'sigmoid', 'ipo' or 'hinge'");
-    p.label_smoothing = float(arg_number(info[6], "labelSmoothing"));
+    tk::DpoParams p = arg_dpo(info[4], info[5], info[6]);
     tk::ops::DpoResult r = tk::ops::dpo_loss(NativeTensor::From(info[0], "policyChosen"), NativeTensor::From(info[1], "policyRejected"),
                                              NativeTensor::From(info[2], "refChosen"), NativeTensor::From(info[3], "refRejected"), p);
     Napi::Object out = Napi::Object::New(env);
@@ -461,18 +499,173 @@ Napi::Value DpoLoss(const Napi::CallbackInfo& info) {
 Napi::Value DistillLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
-    tk::DistillParams p;
-    std::string kind = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
-    if (kind == "forward_kl") p.kind = tk::DistillKind::ForwardKl;
-    else if (kind == "reverse_kl") p.kind = tk::DistillKind::ReverseKl;
-    else if (kind == "jsd") p.kind = tk::DistillKind::Jsd;
-    else tk::fail("distillLoss: unknown kind '", kind, "': use 'forward_kl', 'reverse_kl' or 'jsd'");
-    p.beta = float(arg_number(info[4], "beta"));
-    p.temperature = float(arg_number(info[5], "temperature"));
-    p.ignore_index = arg_ignore_index(info[6]);
-    const tk::Tensor* targets = info[2].IsNull() || info[2].IsUndefined() ? nullptr : &NativeTensor::From(info[2], "targets");
+    tk::DistillParams p = arg_distill(info[3], info[4], info[5], info[6]);
+    const tk::Tensor* targets = optional_tensor(info[2], "targets");
     return NativeTensor::Wrap(env, tk::ops::distill_loss(NativeTensor::From(info[0], "student"), NativeTensor::From(info[1], "teacher"),
                                                          targets, p));
+  });
+}
+
+// ---- training ops ----------------------------------------------------------------------------------
+
+Napi::Value BroadcastTo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::broadcast_to(NativeTensor::From(info[0], "x"), arg_shape(info[1])));
+  });
+}
+
+Napi::Value RmsNormTrain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto r = tk::ops::rms_norm_train(NativeTensor::From(info[0], "x"), NativeTensor::From(info[1], "weight"),
+                                     arg_number(info[2], "eps"));
+    return pair_to_js(env, "y", std::move(r.y), "rstd", std::move(r.rstd));
+  });
+}
+
+Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto g = tk::ops::rms_norm_backward(NativeTensor::From(info[0], "dy"), NativeTensor::From(info[1], "x"),
+                                        NativeTensor::From(info[2], "weight"), NativeTensor::From(info[3], "rstd"));
+    return pair_to_js(env, "dx", std::move(g.a), "dweight", std::move(g.b));
+  });
+}
+
+Napi::Value SwigluBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto g = tk::ops::swiglu_backward(NativeTensor::From(info[0], "dout"), NativeTensor::From(info[1], "gate"),
+                                      NativeTensor::From(info[2], "up"));
+    return pair_to_js(env, "dgate", std::move(g.a), "dup", std::move(g.b));
+  });
+}
+
+Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::embedding_backward(NativeTensor::From(info[0], "dout"), NativeTensor::From(info[1], "ids"),
+                                                               arg_int(info[2], "vocab"), arg_dtype(info[3])));
+  });
+}
+
+Napi::Value RopeBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::rope_backward(NativeTensor::From(info[0], "dy"), optional_tensor(info[1], "positions"),
+                                                          arg_number(info[2], "theta"), arg_rope_scaling(info[3])));
+  });
+}
+
+Napi::Value AttentionTrain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto r = tk::ops::attention_train(NativeTensor::From(info[0], "q"), NativeTensor::From(info[1], "k"),
+                                      NativeTensor::From(info[2], "v"), info[3].ToBoolean(), arg_number(info[4], "scale"),
+                                      optional_tensor(info[5], "segmentIds"));
+    return pair_to_js(env, "out", std::move(r.out), "lse", std::move(r.lse));
+  });
+}
+
+Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto g = tk::ops::attention_backward(NativeTensor::From(info[0], "dout"), NativeTensor::From(info[1], "q"),
+                                         NativeTensor::From(info[2], "k"), NativeTensor::From(info[3], "v"),
+                                         NativeTensor::From(info[4], "out"), NativeTensor::From(info[5], "lse"),
+                                         info[6].ToBoolean(), arg_number(info[7], "scale"), optional_tensor(info[8], "segmentIds"));
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("dq", NativeTensor::Wrap(env, std::move(g.a)));
+    out.Set("dk", NativeTensor::Wrap(env, std::move(g.b)));
+    out.Set("dv", NativeTensor::Wrap(env, std::move(g.c)));
+    return out;
+  });
+}
+
+Napi::Value CrossEntropyTrain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto r = tk::ops::cross_entropy_train(NativeTensor::From(info[0], "logits"), NativeTensor::From(info[1], "targets"),
+                                          arg_ignore_index(info[2]), arg_reduction(info[3]));
+    return pair_to_js(env, "loss", std::move(r.loss), "lse", std::move(r.lse));
+  });
+}
+
+Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::cross_entropy_backward(NativeTensor::From(info[0], "dloss"), NativeTensor::From(info[1], "logits"),
+                                                                   NativeTensor::From(info[2], "targets"), NativeTensor::From(info[3], "lse"),
+                                                                   arg_ignore_index(info[4]), arg_reduction(info[5])));
+  });
+}
+
+Napi::Value SequenceLogprobsTrain(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto r = tk::ops::sequence_logprobs_train(NativeTensor::From(info[0], "logits"), NativeTensor::From(info[1], "targets"),
+                                              arg_ignore_index(info[2]));
+    return pair_to_js(env, "out", std::move(r.loss), "lse", std::move(r.lse));
+  });
+}
+
+Napi::Value SequenceLogprobsBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::sequence_logprobs_backward(NativeTensor::From(info[0], "dout"), NativeTensor::From(info[1], "logits"),
+                                                                       NativeTensor::From(info[2], "targets"), NativeTensor::From(info[3], "lse"),
+                                                                       arg_ignore_index(info[4])));
+  });
+}
+
+Napi::Value DpoLossBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto g = tk::ops::dpo_loss_backward(NativeTensor::From(info[0], "dloss"), NativeTensor::From(info[1], "policyChosen"),
+                                        NativeTensor::From(info[2], "policyRejected"), NativeTensor::From(info[3], "refChosen"),
+                                        NativeTensor::From(info[4], "refRejected"), arg_dpo(info[5], info[6], info[7]));
+    return pair_to_js(env, "dChosen", std::move(g.a), "dRejected", std::move(g.b));
+  });
+}
+
+Napi::Value DistillLossBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::distill_loss_backward(NativeTensor::From(info[0], "dloss"), NativeTensor::From(info[1], "student"),
+                                                                  NativeTensor::From(info[2], "teacher"), optional_tensor(info[3], "targets"),
+                                                                  arg_distill(info[4], info[5], info[6], info[7])));
+  });
+}
+
+// adamwStep(params, grads, m, v, { lr, beta1, beta2, eps, weightDecay, step, gradScale })
+Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  guarded(env, [&] {
+    auto params = arg_tensors(info[0], "params");
+    auto grads_mut = arg_tensors(info[1], "grads");
+    std::vector<const tk::Tensor*> grads(grads_mut.begin(), grads_mut.end());
+    auto m = arg_tensors(info[2], "m");
+    auto v = arg_tensors(info[3], "v");
+    if (!info[4].IsObject()) tk::fail("adamw: hyperparameters must be an object");
+    Napi::Object o = info[4].As<Napi::Object>();
+    tk::AdamWParams hp;
+    hp.lr = float(arg_number(o.Get("lr"), "lr"));
+    hp.beta1 = float(arg_number(o.Get("beta1"), "beta1"));
+    hp.beta2 = float(arg_number(o.Get("beta2"), "beta2"));
+    hp.eps = float(arg_number(o.Get("eps"), "eps"));
+    hp.weight_decay = float(arg_number(o.Get("weightDecay"), "weightDecay"));
+    hp.step = arg_int(o.Get("step"), "step");
+    hp.grad_scale = float(arg_number(o.Get("gradScale"), "gradScale"));
+    tk::ops::adamw_step(params, grads, m, v, hp);
+  });
+  return env.Undefined();
+}
+
+Napi::Value ClipGradNorm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::clip_grad_norm(arg_tensors(info[0], "grads"), arg_number(info[1], "maxNorm")));
   });
 }
 
@@ -651,6 +844,22 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("sequenceLogprobs", Napi::Function::New(env, SequenceLogprobs));
   exports.Set("dpoLoss", Napi::Function::New(env, DpoLoss));
   exports.Set("distillLoss", Napi::Function::New(env, DistillLoss));
+  exports.Set("broadcastTo", Napi::Function::New(env, BroadcastTo));
+  exports.Set("rmsNormTrain", Napi::Function::New(env, RmsNormTrain));
+  exports.Set("rmsNormBackward", Napi::Function::New(env, RmsNormBackward));
+  exports.Set("swigluBackward", Napi::Function::New(env, SwigluBackward));
+  exports.Set("embeddingBackward", Napi::Function::New(env, EmbeddingBackward));
+  exports.Set("ropeBackward", Napi::Function::New(env, RopeBackward));
+  exports.Set("attentionTrain", Napi::Function::New(env, AttentionTrain));
+  exports.Set("attentionBackward", Napi::Function::New(env, AttentionBackward));
+  exports.Set("crossEntropyTrain", Napi::Function::New(env, CrossEntropyTrain));
+  exports.Set("crossEntropyBackward", Napi::Function::New(env, CrossEntropyBackward));
+  exports.Set("sequenceLogprobsTrain", Napi::Function::New(env, SequenceLogprobsTrain));
+  exports.Set("sequenceLogprobsBackward", Napi::Function::New(env, SequenceLogprobsBackward));
+  exports.Set("dpoLossBackward", Napi::Function::New(env, DpoLossBackward));
+  exports.Set("distillLossBackward", Napi::Function::New(env, DistillLossBackward));
+  exports.Set("adamwStep", Napi::Function::New(env, AdamwStep));
+  exports.Set("clipGradNorm", Napi::Function::New(env, ClipGradNorm));
   exports.Set("nf4Quantize", Napi::Function::New(env, Nf4Quantize));
   exports.Set("nf4Dequantize", Napi::Function::New(env, Nf4Dequantize));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));

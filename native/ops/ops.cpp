@@ -360,6 +360,11 @@ void check_float_storage(const char* op, const char* name, const Tensor& t) {
 }  // namespace
 
 TensorPtr rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  // The saved 1/rms is dropped after use (its release is queued behind the kernel).
+  return rms_norm_train(x, weight, eps).y;
+}
+
+RmsNormSaved rms_norm_train(const Tensor& x, const Tensor& weight, double eps) {
   const char* op = "rmsNorm";
   same_device(op, x, weight);
   same_dtype(op, x, weight);
@@ -369,13 +374,12 @@ TensorPtr rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   TK_CHECK(weight.shape().size() == 1 && weight.shape()[0] == xs.back(), op, ": weight ", weight.describe(),
            " must be [", xs.back(), "] to match the last axis of x ", x.describe());
   TK_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  TensorPtr out = empty(xs, x.dtype(), x.device());
-  // The kernel saves 1/rms per row for a backward pass; this forward-only op drops it after use
-  // (its release is queued behind the kernel).
-  TensorPtr rstd = empty({x.numel() / xs.back()}, DType::F32, x.device());
-  TensorView xv = x.view(), wv = weight.view(), ov = out->view(), rv = rstd->view();
+  RmsNormSaved r;
+  r.y = empty(xs, x.dtype(), x.device());
+  r.rstd = empty({x.numel() / xs.back()}, DType::F32, x.device());
+  TensorView xv = x.view(), wv = weight.view(), ov = r.y->view(), rv = r.rstd->view();
   launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_forward_cpu(xv, wv, float(eps), ov, rv, pool); }, nullptr});
-  return out;
+  return r;
 }
 
 TensorPtr swiglu(const Tensor& gate, const Tensor& up) {
@@ -407,8 +411,11 @@ TensorPtr embedding(const Tensor& ids, const Tensor& table) {
   return out;
 }
 
-TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling) {
-  const char* op = "rope";
+namespace {
+
+// rope() and its transpose share everything but the sign of the angle.
+TensorPtr rope_apply(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling, bool inverse) {
+  const char* op = inverse ? "rope (backward)" : "rope";
   check_float_storage(op, "x", x);
   const auto& xs = x.shape();
   TK_CHECK(xs.size() == 4, op, ": x ", x.describe(), " must be [B, T, H, D]");
@@ -433,22 +440,40 @@ TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const Rop
   TensorPtr out = empty(xs, x.dtype(), x.device());
   TensorView xv = x.view(), pv = positions->view(), ov = out->view();
   const bool dynamic = scaling.type == RopeScaling::Dynamic;
+  auto kernel = inverse ? rope_backward_cpu : rope_forward_cpu;
   launch(op, x.device(), {[=, freqs = std::move(freqs)](ThreadPool& pool) {
-                            if (!dynamic) return rope_forward_cpu(xv, pv, per_batch, freqs.inv_freq, freqs.attention_factor, ov, pool);
+                            if (!dynamic) return kernel(xv, pv, per_batch, freqs.inv_freq, freqs.attention_factor, ov, pool);
                             // Dynamic NTK depends on the longest position, known once the positions are.
                             const int32_t* p = pv.ptr<int32_t>();
                             int64_t n = pv.numel(), longest = 0;
                             for (int64_t i = 0; i < n; ++i) longest = std::max<int64_t>(longest, int64_t(p[i]) + 1);
                             RopeFrequencies f = rope_inv_freq(D, theta, scaling, longest);
-                            rope_forward_cpu(xv, pv, per_batch, f.inv_freq, f.attention_factor, ov, pool);
+                            kernel(xv, pv, per_batch, f.inv_freq, f.attention_factor, ov, pool);
                           },
                           nullptr});
   return out;
 }
 
+}  // namespace
+
+TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const RopeScaling& scaling) {
+  return rope_apply(x, positions, theta, scaling, false);
+}
+
+TensorPtr rope_backward(const Tensor& dy, const Tensor* positions, double theta, const RopeScaling& scaling) {
+  return rope_apply(dy, positions, theta, scaling, true);
+}
+
 TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
                     const Tensor* segment_ids) {
-  const char* op = "attention";
+  // The log-sum-exp a backward pass would reuse is released after the kernel, in queue order.
+  return attention_train(q, k, v, causal, scale, segment_ids).out;
+}
+
+namespace {
+
+void check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
+                     const Tensor* segment_ids) {
   same_device(op, q, k);
   same_device(op, q, v);
   same_dtype(op, q, k);
@@ -463,7 +488,7 @@ TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool caus
   TK_CHECK(ks[2] > 0 && qs[2] % ks[2] == 0, op, ": q's ", qs[2], " heads must be a multiple of k's ", ks[2],
            " heads (grouped-query attention)");
   TK_CHECK(std::isfinite(scale), op, ": scale must be finite");
-  const int64_t B = qs[0], T = qs[1], H = qs[2], S = ks[1];
+  const int64_t B = qs[0], T = qs[1], S = ks[1];
   if (segment_ids) {
     same_device(op, q, *segment_ids);
     const std::vector<int64_t> want{B, T};
@@ -471,10 +496,19 @@ TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool caus
              ": segmentIds ", segment_ids->describe(), " must be i32 [", B, ", ", T, "]");
     TK_CHECK(S == T, op, ": segmentIds need as many keys as queries (S == T), got T = ", T, ", S = ", S);
   }
-  TensorPtr out = empty(qs, q.dtype(), q.device());
-  // The log-sum-exp the backward pass would reuse; released after the kernel in queue order.
-  TensorPtr lse = empty({B, H, T}, DType::F32, q.device());
-  TensorView qv = q.view(), kv = k.view(), vv = v.view(), ov = out->view(), lv = lse->view();
+}
+
+}  // namespace
+
+AttentionSaved attention_train(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                               const Tensor* segment_ids) {
+  const char* op = "attention";
+  check_attention(op, q, k, v, scale, segment_ids);
+  const auto& qs = q.shape();
+  AttentionSaved r;
+  r.out = empty(qs, q.dtype(), q.device());
+  r.lse = empty({qs[0], qs[2], qs[1]}, DType::F32, q.device());
+  TensorView qv = q.view(), kv = k.view(), vv = v.view(), ov = r.out->view(), lv = r.lse->view();
   bool has_seg = segment_ids != nullptr;
   TensorView sv = has_seg ? segment_ids->view() : TensorView{};
   AttentionOptions opt;
@@ -484,7 +518,7 @@ TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool caus
                             attention_forward_cpu(qv, kv, vv, has_seg ? &sv : nullptr, nullptr, opt, ov, lv, pool);
                           },
                           nullptr});
-  return out;
+  return r;
 }
 
 namespace {
@@ -505,6 +539,10 @@ std::pair<int64_t, int64_t> check_logits(const char* op, const Tensor& logits, c
 }  // namespace
 
 TensorPtr cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction) {
+  return cross_entropy_train(logits, targets, ignore_index, reduction).loss;
+}
+
+LossSaved cross_entropy_train(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction) {
   const char* op = "crossEntropy";
   auto [N, V] = check_logits(op, logits, targets);
   (void)V;
@@ -517,10 +555,14 @@ TensorPtr cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ign
                                  cross_entropy_forward_cpu(lv, tv, ignore_index, reduction, losv, lsev, outv, pool);
                                },
                                nullptr});
-  return loss ? std::move(loss) : std::move(losses);
+  return {loss ? std::move(loss) : std::move(losses), std::move(lse)};
 }
 
 TensorPtr sequence_logprobs(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+  return sequence_logprobs_train(logits, targets, ignore_index).loss;
+}
+
+LossSaved sequence_logprobs_train(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
   const char* op = "sequenceLogprobs";
   TK_CHECK(logits.shape().size() == 3, op, ": logits ", logits.describe(), " must be [B, T, V]");
   auto [N, V] = check_logits(op, logits, targets);
@@ -532,12 +574,13 @@ TensorPtr sequence_logprobs(const Tensor& logits, const Tensor& targets, int32_t
                                  sequence_logprobs_forward_cpu(lv, tv, ignore_index, ov, lsev, pool);
                                },
                                nullptr});
-  return out;
+  return {std::move(out), std::move(lse)};
 }
 
-DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
-                   const Tensor& ref_rejected, const DpoParams& params) {
-  const char* op = "dpoLoss";
+namespace {
+
+void check_dpo(const char* op, const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
+               const Tensor& ref_rejected, const DpoParams& params) {
   const Tensor* all[] = {&policy_chosen, &policy_rejected, &ref_chosen, &ref_rejected};
   const char* names[] = {"policyChosen", "policyRejected", "refChosen", "refRejected"};
   for (int i = 0; i < 4; ++i) {
@@ -548,8 +591,16 @@ DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, c
   TK_CHECK(std::isfinite(params.beta) && params.beta > 0, op, ": beta must be a finite number > 0, got ", params.beta);
   TK_CHECK(params.label_smoothing >= 0 && params.label_smoothing <= 0.5, op,
            ": labelSmoothing must be in [0, 0.5], got ", params.label_smoothing);
+  TK_CHECK(policy_chosen.shape()[0] > 0, op, ": needs at least one preference pair");
+}
+
+}  // namespace
+
+DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, const Tensor& ref_chosen,
+                   const Tensor& ref_rejected, const DpoParams& params) {
+  const char* op = "dpoLoss";
+  check_dpo(op, policy_chosen, policy_rejected, ref_chosen, ref_rejected, params);
   const int64_t B = policy_chosen.shape()[0];
-  TK_CHECK(B > 0, op, ": needs at least one preference pair");
   TensorPtr losses = empty({B}, DType::F32, policy_chosen.device());
   DpoResult r;
   r.chosen_rewards = empty({B}, DType::F32, policy_chosen.device());
@@ -562,8 +613,10 @@ DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, c
   return r;
 }
 
-TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tensor* targets, const DistillParams& params) {
-  const char* op = "distillLoss";
+namespace {
+
+void check_distill(const char* op, const Tensor& student, const Tensor& teacher, const Tensor* targets,
+                   const DistillParams& params) {
   same_device(op, student, teacher);
   check_float_storage(op, "student", student);
   check_float_storage(op, "teacher", teacher);
@@ -575,6 +628,13 @@ TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tenso
            params.temperature);
   TK_CHECK(params.beta >= 0 && params.beta <= 1, op, ": beta must be in [0, 1], got ", params.beta);
   if (targets) check_logits(op, student, *targets);
+}
+
+}  // namespace
+
+TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tensor* targets, const DistillParams& params) {
+  const char* op = "distillLoss";
+  check_distill(op, student, teacher, targets, params);
   const int64_t N = student.numel() / student.shape().back();
   TensorPtr losses = empty({N}, DType::F32, student.device());
   TensorPtr loss = empty({}, DType::F32, student.device());
@@ -642,6 +702,257 @@ TensorPtr nf4_dequantize(const Tensor& packed, const Tensor& absmax, const Tenso
   void* dst = out->storage()->ptr;
   launch(op, dev, {[=](ThreadPool& pool) { nf4_dequantize_cpu(in, n, block_size, double_quant, dst, out_dtype, pool); }, nullptr});
   return out;
+}
+
+// ---- training ---------------------------------------------------------------------------------------
+
+namespace {
+
+// A gradient must come back in the shape, dtype and device of what it is the gradient of.
+void check_grad(const char* op, const char* name, const Tensor& grad, const Tensor& like) {
+  TK_CHECK(grad.shape() == like.shape() && grad.device() == like.device(), op, ": gradient ", name, " ",
+           grad.describe(), " must match ", like.describe());
+  TK_CHECK(grad.dtype() == like.dtype() || like.dtype() == DType::F32 || grad.dtype() == DType::F32, op,
+           ": gradient ", name, " ", grad.describe(), " has the wrong dtype for ", like.describe());
+}
+
+// An f32 gradient in `dtype` (a no-op cast for f32: the same tensor comes back).
+TensorPtr to_dtype(TensorPtr t, DType dtype) { return t->dtype() == dtype ? std::move(t) : cast(*t, dtype); }
+
+void check_scalar_grad(const char* op, const Tensor& dloss) {
+  TK_CHECK(dloss.dtype() == DType::F32 && dloss.numel() == 1, op, ": the upstream gradient ", dloss.describe(),
+           " must be one f32 value");
+}
+
+}  // namespace
+
+TensorPtr broadcast_to(const Tensor& x, const std::vector<int64_t>& shape) {
+  const char* op = "broadcastTo";
+  check_shape(op, shape, x.dtype());
+  const auto& xs = x.shape();
+  TK_CHECK(xs.size() <= shape.size(), op, ": cannot broadcast ", x.describe(), " to the lower-rank ", shape_str(shape));
+  TensorView src = x.view(), strided = make_view(nullptr, x.dtype(), x.device(), shape);
+  strided.data = src.data;
+  const size_t lead = shape.size() - xs.size();
+  for (size_t i = 0; i < shape.size(); ++i) {
+    int64_t d = i < lead ? 1 : xs[i - lead];
+    TK_CHECK(d == shape[i] || d == 1, op, ": cannot broadcast ", x.describe(), " to ", shape_str(shape), " (dimension ",
+             i, ": ", d, " vs ", shape[i], ")");
+    strided.strides[i] = (i < lead || d == 1) ? 0 : src.strides[i - lead];
+  }
+  TensorPtr out = empty(shape, x.dtype(), x.device());
+  TensorView dst = out->view();
+  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  return out;
+}
+
+Grads2 rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd) {
+  const char* op = "rmsNorm (backward)";
+  check_grad(op, "dy", dy, x);
+  TK_CHECK(dy.dtype() == x.dtype(), op, ": dy ", dy.describe(), " must have x's dtype");
+  TK_CHECK(rstd.dtype() == DType::F32 && rstd.numel() * x.shape().back() == x.numel(), op, ": rstd ", rstd.describe(),
+           " does not come from rmsNorm of ", x.describe());
+  Grads2 g;
+  g.a = empty(x.shape(), x.dtype(), x.device());
+  TensorPtr dw = empty(weight.shape(), DType::F32, x.device());
+  TensorView dyv = dy.view(), xv = x.view(), wv = weight.view(), rv = rstd.view(), dxv = g.a->view(), dwv = dw->view();
+  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_backward_cpu(dyv, xv, wv, rv, dxv, dwv, pool); }, nullptr});
+  g.b = to_dtype(std::move(dw), weight.dtype());
+  return g;
+}
+
+Grads2 swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu (backward)";
+  check_grad(op, "dout", dout, gate);
+  TK_CHECK(dout.dtype() == gate.dtype(), op, ": dout ", dout.describe(), " must have gate's dtype");
+  Grads2 g;
+  g.a = empty(gate.shape(), gate.dtype(), gate.device());
+  g.b = empty(up.shape(), up.dtype(), up.device());
+  TensorView dv = dout.view(), gv = gate.view(), uv = up.view(), dgv = g.a->view(), duv = g.b->view();
+  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_backward_cpu(dv, gv, uv, dgv, duv, pool); }, nullptr});
+  return g;
+}
+
+TensorPtr embedding_backward(const Tensor& dout, const Tensor& ids, int64_t vocab, DType dtype) {
+  const char* op = "embedding (backward)";
+  same_device(op, dout, ids);
+  check_float_storage(op, "dout", dout);
+  TK_CHECK(ids.dtype() == DType::I32, op, ": ids ", ids.describe(), " must be i32");
+  const auto& ds = dout.shape();
+  TK_CHECK(!ds.empty() && ds.back() > 0 && dout.numel() == ids.numel() * ds.back(), op, ": dout ", dout.describe(),
+           " must be ids' shape ", shape_str(ids.shape()), " plus the embedding dim");
+  TK_CHECK(vocab > 0, op, ": the vocabulary must not be empty");
+  TensorPtr dtable = empty({vocab, ds.back()}, DType::F32, dout.device());
+  TensorView dv = dout.view(), iv = ids.view(), tv = dtable->view();
+  launch(op, dout.device(), {[=](ThreadPool& pool) { embedding_backward_cpu(dv, iv, tv, pool); }, nullptr});
+  return to_dtype(std::move(dtable), dtype);
+}
+
+Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids) {
+  const char* op = "attention (backward)";
+  check_attention(op, q, k, v, scale, segment_ids);
+  check_grad(op, "dout", dout, q);
+  TK_CHECK(dout.dtype() == q.dtype() && out.shape() == q.shape() && out.dtype() == q.dtype(), op, ": dout ",
+           dout.describe(), " and out ", out.describe(), " must match q ", q.describe());
+  const auto& qs = q.shape();
+  const std::vector<int64_t> lse_shape{qs[0], qs[2], qs[1]};
+  TK_CHECK(lse.dtype() == DType::F32 && lse.shape() == lse_shape, op, ": lse ", lse.describe(), " must be f32 ",
+           shape_str(lse_shape));
+  Grads3 g;
+  g.a = empty(q.shape(), q.dtype(), q.device());
+  g.b = empty(k.shape(), k.dtype(), k.device());
+  g.c = empty(v.shape(), v.dtype(), v.device());
+  TensorView dov = dout.view(), qv = q.view(), kv = k.view(), vv = v.view(), ov = out.view(), lv = lse.view();
+  TensorView dq = g.a->view(), dk = g.b->view(), dv = g.c->view();
+  bool has_seg = segment_ids != nullptr;
+  TensorView sv = has_seg ? segment_ids->view() : TensorView{};
+  AttentionOptions opt;
+  opt.causal = causal;
+  opt.scale = float(scale > 0 ? scale : 0.0);
+  launch(op, q.device(), {[=](ThreadPool& pool) {
+                            attention_backward_cpu(dov, qv, kv, vv, ov, lv, has_seg ? &sv : nullptr, nullptr, opt, dq,
+                                                   dk, dv, pool);
+                          },
+                          nullptr});
+  return g;
+}
+
+TensorPtr cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                 int32_t ignore_index, LossReduction reduction) {
+  const char* op = "crossEntropy (backward)";
+  auto [N, V] = check_logits(op, logits, targets);
+  (void)V;
+  same_device(op, logits, dloss);
+  if (reduction == LossReduction::None) {
+    TK_CHECK(dloss.dtype() == DType::F32 && dloss.shape() == targets.shape(), op, ": the upstream gradient ",
+             dloss.describe(), " must be f32 shaped like targets ", targets.describe());
+  } else {
+    check_scalar_grad(op, dloss);
+  }
+  TK_CHECK(lse.dtype() == DType::F32 && lse.numel() == N, op, ": lse ", lse.describe(), " must hold ", N, " f32 values");
+  TensorPtr dlogits = empty(logits.shape(), logits.dtype(), logits.device());
+  TensorView lv = logits.view(), tv = targets.view(), sv = lse.view(), dv = dloss.view(), gv = dlogits->view();
+  launch(op, logits.device(), {[=](ThreadPool& pool) {
+                                 cross_entropy_backward_cpu(lv, tv, sv, dv, ignore_index, reduction, gv, pool);
+                               },
+                               nullptr});
+  return dlogits;
+}
+
+TensorPtr sequence_logprobs_backward(const Tensor& dout, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                     int32_t ignore_index) {
+  const char* op = "sequenceLogprobs (backward)";
+  auto [N, V] = check_logits(op, logits, targets);
+  (void)V;
+  same_device(op, logits, dout);
+  TK_CHECK(logits.shape().size() == 3 && dout.dtype() == DType::F32 && dout.shape() == std::vector<int64_t>{logits.shape()[0]},
+           op, ": the upstream gradient ", dout.describe(), " must be f32 [", logits.shape()[0], "]");
+  TK_CHECK(lse.dtype() == DType::F32 && lse.numel() == N, op, ": lse ", lse.describe(), " must hold ", N, " f32 values");
+  TensorPtr dlogits = empty(logits.shape(), logits.dtype(), logits.device());
+  TensorView lv = logits.view(), tv = targets.view(), sv = lse.view(), dv = dout.view(), gv = dlogits->view();
+  launch(op, logits.device(), {[=](ThreadPool& pool) {
+                                 sequence_logprobs_backward_cpu(lv, tv, sv, dv, ignore_index, gv, pool);
+                               },
+                               nullptr});
+  return dlogits;
+}
+
+Grads2 dpo_loss_backward(const Tensor& dloss, const Tensor& policy_chosen, const Tensor& policy_rejected,
+                         const Tensor& ref_chosen, const Tensor& ref_rejected, const DpoParams& params) {
+  const char* op = "dpoLoss (backward)";
+  check_dpo(op, policy_chosen, policy_rejected, ref_chosen, ref_rejected, params);
+  check_scalar_grad(op, dloss);
+  same_device(op, policy_chosen, dloss);
+  const int64_t B = policy_chosen.shape()[0];
+  // The loss is the mean over pairs: each pair's upstream gradient is dloss / B.
+  TensorPtr per_pair = scale(*broadcast_to(*reshape(dloss, {1}), {B}), 1.0 / double(B));
+  Grads2 g;
+  g.a = empty({B}, DType::F32, policy_chosen.device());
+  g.b = empty({B}, DType::F32, policy_chosen.device());
+  TensorView pc = policy_chosen.view(), pr = policy_rejected.view(), rc = ref_chosen.view(), rr = ref_rejected.view();
+  TensorView dv = per_pair->view(), dc = g.a->view(), dr = g.b->view();
+  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_backward_cpu(pc, pr, rc, rr, params, dv, dc, dr); }, nullptr});
+  return g;
+}
+
+TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, const Tensor& teacher, const Tensor* targets,
+                                const DistillParams& params) {
+  const char* op = "distillLoss (backward)";
+  check_distill(op, student, teacher, targets, params);
+  check_scalar_grad(op, dloss);
+  same_device(op, student, dloss);
+  TensorPtr dstudent = empty(student.shape(), student.dtype(), student.device());
+  TensorView sv = student.view(), tv = teacher.view(), dv = dloss.view(), gv = dstudent->view();
+  TensorView yv = targets ? targets->view() : TensorView{};
+  launch(op, student.device(), {[=](ThreadPool& pool) { distill_backward_cpu(sv, tv, yv, params, dv, gv, pool); }, nullptr});
+  return dstudent;
+}
+
+void adamw_step(const std::vector<Tensor*>& params, const std::vector<const Tensor*>& grads,
+                const std::vector<Tensor*>& m, const std::vector<Tensor*>& v, const AdamWParams& hp) {
+  const char* op = "adamw";
+  TK_CHECK(grads.size() == params.size() && m.size() == params.size() && v.size() == params.size(), op, ": ",
+           params.size(), " params need as many grads, m and v (got ", grads.size(), ", ", m.size(), ", ", v.size(), ")");
+  TK_CHECK(std::isfinite(hp.lr) && hp.lr >= 0, op, ": lr must be finite and >= 0, got ", hp.lr);
+  TK_CHECK(hp.beta1 >= 0 && hp.beta1 < 1 && hp.beta2 >= 0 && hp.beta2 < 1, op, ": betas must be in [0, 1), got ",
+           hp.beta1, ", ", hp.beta2);
+  TK_CHECK(hp.eps > 0 && std::isfinite(hp.weight_decay) && hp.weight_decay >= 0, op,
+           ": eps must be > 0 and weightDecay finite and >= 0");
+  TK_CHECK(hp.step >= 1, op, ": step counts from 1, got ", hp.step);
+  if (params.empty()) return;
+  const Device dev = params[0]->device();
+  std::vector<AdamWTensor> list;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor &p = *params[i], &g = *grads[i], &mi = *m[i], &vi = *v[i];
+    std::string at = "parameter " + std::to_string(i) + " " + p.describe();
+    TK_CHECK(p.device() == dev && g.device() == dev && mi.device() == dev && vi.device() == dev, op, ": ", at,
+             ": every tensor must be on ", dev.name());
+    check_float_storage(op, "parameter", p);
+    check_float_storage(op, "gradient", g);
+    TK_CHECK(g.shape() == p.shape(), op, ": ", at, " has a gradient of shape ", shape_str(g.shape()));
+    TK_CHECK(mi.dtype() == DType::F32 && vi.dtype() == DType::F32 && mi.shape() == p.shape() && vi.shape() == p.shape(),
+             op, ": ", at, ": its moments must be f32 of the same shape, got ", mi.describe(), " and ", vi.describe());
+    AdamWTensor t;
+    t.param = p.storage()->ptr;
+    t.grad = g.storage()->ptr;
+    t.m = static_cast<float*>(mi.storage()->ptr);
+    t.v = static_cast<float*>(vi.storage()->ptr);
+    t.n = p.numel();
+    t.param_dtype = p.dtype();
+    t.grad_dtype = g.dtype();
+    list.push_back(t);
+  }
+  launch(op, dev, {[=, list = std::move(list)](ThreadPool& pool) {
+                     adamw_step_multi_cpu(list.data(), int64_t(list.size()), hp, pool);
+                   },
+                   nullptr});
+}
+
+TensorPtr clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm) {
+  const char* op = "clipGradNorm";
+  TK_CHECK(!grads.empty(), op, ": no gradients given");
+  TK_CHECK(std::isfinite(max_norm) && max_norm >= 0, op, ": maxNorm must be finite and >= 0 (0: only measure), got ",
+           max_norm);
+  const Device dev = grads[0]->device();
+  std::vector<GradTensor> list;
+  for (Tensor* g : grads) {
+    TK_CHECK(g->device() == dev, op, ": gradient ", g->describe(), " is not on ", dev.name());
+    check_float_storage(op, "gradient", *g);
+    list.push_back(GradTensor{g->storage()->ptr, g->numel(), g->dtype()});
+  }
+  TensorPtr norm = empty({}, DType::F32, dev);
+  float* out = static_cast<float*>(norm->storage()->ptr);
+  launch(op, dev, {[=, list = std::move(list)](ThreadPool& pool) {
+                     double total = std::sqrt(grad_norm_sq_cpu(list.data(), int64_t(list.size()), pool));
+                     *out = float(total);
+                     if (max_norm > 0) {
+                       float coef = clip_coefficient(total, max_norm);
+                       if (coef < 1.0f || std::isnan(coef)) scale_grads_cpu(list.data(), int64_t(list.size()), coef, pool);
+                     }
+                   },
+                   nullptr});
+  return norm;
 }
 
 void synchronize(Device dev) { Runtime::get().queue(dev).synchronize(); }

@@ -15,6 +15,7 @@
 #include "../cpu/elementwise.h"
 #include "../cpu/loss.h"
 #include "../cpu/nf4.h"
+#include "../cpu/optim.h"
 #include "../cpu/rope.h"
 
 namespace tk {
@@ -122,6 +123,64 @@ Nf4Tensors nf4_quantize(const Tensor& w, int64_t block_size, bool double_quant);
 // scale2 and offset: null without double quantization.
 TensorPtr nf4_dequantize(const Tensor& packed, const Tensor& absmax, const Tensor* scale2, const Tensor* offset,
                          const std::vector<int64_t>& shape, int64_t block_size, bool double_quant, DType out_dtype);
+// ---- training: what the autograd tape needs beyond the forward ops ------------------------------
+// Forward variants that also return what their backward reads, and the backward ops. Each
+// backward takes the upstream gradient first and returns gradients in the inputs' dtypes.
+
+// x copied to `shape` with numpy broadcasting (the gradient of a sum over the broadcast axes).
+TensorPtr broadcast_to(const Tensor& x, const std::vector<int64_t>& shape);
+struct RmsNormSaved {
+  TensorPtr y, rstd;  // rstd: f32 [rows]
+};
+RmsNormSaved rms_norm_train(const Tensor& x, const Tensor& weight, double eps);
+struct Grads2 {
+  TensorPtr a, b;
+};
+// -> dx (x's dtype), dweight (weight's dtype).
+Grads2 rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd);
+// -> dgate, dup.
+Grads2 swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up);
+// dout [..., D], ids [...] -> dtable [vocab, D] in `dtype` (rows summed over repeated ids).
+TensorPtr embedding_backward(const Tensor& dout, const Tensor& ids, int64_t vocab, DType dtype);
+// The transpose of rope(): rotation by the negated angles (same positions, theta and scaling).
+TensorPtr rope_backward(const Tensor& dy, const Tensor* positions, double theta, const RopeScaling& scaling);
+struct AttentionSaved {
+  TensorPtr out, lse;  // lse: f32 [B, H, T]
+};
+AttentionSaved attention_train(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                               const Tensor* segment_ids);
+struct Grads3 {
+  TensorPtr a, b, c;
+};
+// -> dq, dk, dv.
+Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids);
+struct LossSaved {
+  TensorPtr loss, lse;  // lse: f32, one per row of logits
+};
+LossSaved cross_entropy_train(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction);
+// dloss: f32 [] (mean, sum) or targets' shape (none) -> dlogits (logits' dtype).
+TensorPtr cross_entropy_backward(const Tensor& dloss, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                 int32_t ignore_index, LossReduction reduction);
+LossSaved sequence_logprobs_train(const Tensor& logits, const Tensor& targets, int32_t ignore_index);
+// dout: f32 [B] -> dlogits.
+TensorPtr sequence_logprobs_backward(const Tensor& dout, const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                                     int32_t ignore_index);
+// dloss: f32 [] (of the mean over pairs) -> d policyChosen, d policyRejected (f32 [B]).
+Grads2 dpo_loss_backward(const Tensor& dloss, const Tensor& policy_chosen, const Tensor& policy_rejected,
+                         const Tensor& ref_chosen, const Tensor& ref_rejected, const DpoParams& params);
+// dloss: f32 [] -> dstudent (student's dtype).
+TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, const Tensor& teacher, const Tensor* targets,
+                                const DistillParams& params);
+
+// One AdamW step over many parameters, in place, on the device queue: params (f32|bf16), grads
+// (f32|bf16, same shapes), moments m and v (f32, same shapes). lr and the rest as AdamWParams.
+void adamw_step(const std::vector<Tensor*>& params, const std::vector<const Tensor*>& grads,
+                const std::vector<Tensor*>& m, const std::vector<Tensor*>& v, const AdamWParams& hp);
+// Global L2 norm of all grads -> f32 []; with max_norm > 0 the grads are scaled in place by
+// min(1, max_norm / (norm + 1e-6)) (torch.nn.utils.clip_grad_norm_), all on the queue.
+TensorPtr clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm);
+
 void synchronize(Device dev);
 
 }  // namespace ops

@@ -1,0 +1,1 @@
+export { AdamW, clipGradNorm, type AdamWOptions, type AdamWState } from './adamw.js';
