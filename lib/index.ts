@@ -22,3 +22,13 @@ export { version } from './version.js';
 export * as ops from './ops/index.js';
 export * as nf4 from './nf4.js';
 export * as optim from './optim/index.js';
+export {
+  ByteTokenizer,
+  HfTokenizer,
+  loadTokenizer,
+  TokenizerError,
+  type ChatMessage,
+  type ChatTemplateOptions,
+  type LoadTokenizerOptions,
+  type Tokenizer,
+} from './tokenizer/index.js';
