@@ -32,3 +32,9 @@ export {
   type LoadTokenizerOptions,
   type Tokenizer,
 } from './tokenizer/index.js';
+export { CausalLM, type ForwardOptions } from './models/llama.js';
+export { ConfigError, MODEL_TYPES, parseConfig, presetConfig, PRESETS, type HfConfig, type ModelConfig, type ModelType, type PresetName } from './models/config.js';
+export { createModel, loadModel, ModelLoadError, readConfig, saveModel, type LoadModelOptions, type SaveModelOptions } from './models/io.js';
+export { AdapterError, applyLora, loadAdapter, loraState, mergeLora, saveAdapter, type LoraOptions, type LoraState } from './models/lora.js';
+export * as nn from './nn/index.js';
+export * as io from './io/index.js';

@@ -79,6 +79,7 @@ export interface NativeBinding {
   matmul(a: NativeTensor, b: NativeTensor, transA: boolean, transB: boolean): NativeTensor;
   binary(op: 'add' | 'sub' | 'mul', a: NativeTensor, b: NativeTensor): NativeTensor;
   scale(x: NativeTensor, alpha: number): NativeTensor;
+  dropout(x: NativeTensor, p: number, seed: number): NativeTensor;
   sum(x: NativeTensor, axes: number[], keepdim: boolean): NativeTensor;
   rmsNorm(x: NativeTensor, weight: NativeTensor, eps: number): NativeTensor;
   swiglu(gate: NativeTensor, up: NativeTensor): NativeTensor;

@@ -1,6 +1,6 @@
 import { record } from '../autograd.js';
 import { native } from '../native.js';
-import { checkTensor, Tensor } from '../tensor.js';
+import { checkTensor, nextSeed, Tensor } from '../tensor.js';
 import { sumTo } from './reduce.js';
 
 function binary(op: 'add' | 'sub' | 'mul', a: Tensor, b: Tensor): Tensor {
@@ -36,4 +36,26 @@ export function scale(x: Tensor, alpha: number): Tensor {
   if (typeof alpha !== 'number' || Number.isNaN(alpha)) throw new TypeError(`scale: alpha must be a number, got ${String(alpha)}`);
   const out = Tensor.fromNative(native().scale(h, alpha));
   return record(out, 'scale', [x], [], (g) => [scale(g, alpha)]);
+}
+
+export interface DropoutOptions {
+  /** Probability of zeroing an element, in [0, 1). */
+  p: number;
+  /** The mask's seed; default: the next seed of tk.manualSeed's sequence. */
+  seed?: number;
+}
+
+/**
+ * Inverted dropout: each element is zeroed with probability p, the others scaled by 1 / (1 - p).
+ * The mask depends only on (seed, element index), so the backward pass regenerates it.
+ */
+export function dropout(x: Tensor, options: DropoutOptions): Tensor {
+  const h = checkTensor(x, 'dropout', 'x');
+  const p = options?.p;
+  if (typeof p !== 'number' || !(p >= 0 && p < 1)) throw new RangeError(`dropout: p must be a number in [0, 1), got ${String(p)}`);
+  const seed = options.seed ?? nextSeed();
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`dropout: seed must be a non-negative integer, got ${String(seed)}`);
+  if (p === 0) return x.reshape([...x.shape]);
+  const out = Tensor.fromNative(native().dropout(h, p, seed));
+  return record(out, 'dropout', [x], [], (g) => [Tensor.fromNative(native().dropout(g.handle(), p, seed))]);
 }

@@ -1,5 +1,5 @@
 export { attention, type AttentionOptions } from './attention.js';
-export { add, mul, scale, sub } from './elementwise.js';
+export { add, dropout, mul, scale, sub, type DropoutOptions } from './elementwise.js';
 export { crossEntropy, distillLoss, dpoLoss, sequenceLogprobs, type CrossEntropyOptions, type DistillOptions, type DpoOptions, type DpoResult } from './loss.js';
 export { matmul, type MatmulOptions } from './matmul.js';
 export { embedding, rmsNorm, swiglu, type RmsNormOptions } from './norm.js';

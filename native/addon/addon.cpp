@@ -323,6 +323,15 @@ Napi::Value Scale(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value Dropout(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    int64_t seed = arg_int(info[2], "seed");
+    if (seed < 0) tk::fail("dropout: seed must be a non-negative integer, got ", seed);
+    return NativeTensor::Wrap(env, tk::ops::dropout(NativeTensor::From(info[0], "x"), arg_number(info[1], "p"), uint64_t(seed)));
+  });
+}
+
 Napi::Value Sum(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -835,6 +844,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("binary", Napi::Function::New(env, Binary));
   exports.Set("scale", Napi::Function::New(env, Scale));
   exports.Set("sum", Napi::Function::New(env, Sum));
+  exports.Set("dropout", Napi::Function::New(env, Dropout));
   exports.Set("rmsNorm", Napi::Function::New(env, RmsNorm));
   exports.Set("swiglu", Napi::Function::New(env, Swiglu));
   exports.Set("embedding", Napi::Function::New(env, Embedding));

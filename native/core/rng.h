@@ -91,4 +91,11 @@ TK_HOST_DEVICE inline void normal_block4(uint64_t seed, uint64_t block, float z[
   }
 }
 
+// Dropout's keep decision for element i of stream `seed` at drop probability p in [0, 1): word
+// i % 4 of Philox block i / 4 as a uniform u in (0, 1], kept when u > p. Element i depends only on
+// (seed, i), so a backward pass regenerates the forward's mask from the seed alone.
+TK_HOST_DEVICE inline bool dropout_keep(uint64_t seed, uint64_t i, float p) {
+  return uniform24(philox_block(seed, i).v[i & 3u]) > p;
+}
+
 }  // namespace tk

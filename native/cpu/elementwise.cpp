@@ -978,6 +978,38 @@ void randn_cpu(const TensorView& out, uint64_t seed, float mean, float stddev, T
   });
 }
 
+void dropout_cpu(const TensorView& x, float p, uint64_t seed, const TensorView& out, ThreadPool& pool) {
+  const char* name = "dropout_cpu";
+  check_cpu(x, name, "x");
+  check_cpu(out, name, "out");
+  TK_CHECK(is_floating(x.dtype) && x.dtype == out.dtype, name, ": x ", describe(x), " and out ", describe(out),
+           " must share one floating dtype");
+  TK_CHECK(x.is_contiguous() && out.is_contiguous() && x.numel() == out.numel(), name, ": x ", describe(x), " and out ",
+           describe(out), " must be contiguous with the same element count");
+  TK_CHECK(p >= 0.0f && p < 1.0f, name, ": p must be in [0, 1), got ", p);
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  const DType t = x.dtype;
+  const Level L = level();
+  const float keep_scale = 1.0f / (1.0f - p);
+  // One Philox call decides four consecutive elements.
+  pool.parallel_for(n, 4096, [&](int64_t e0, int64_t e1) {
+    float buf[kBlock];
+    for (int64_t e = e0; e < e1; e += kBlock) {
+      int64_t m = std::min(kBlock, e1 - e);
+      widen(L, t, byte_ptr(x.data, t, e), buf, m);
+      Philox4x32 r{};
+      uint64_t block = ~uint64_t(0);
+      for (int64_t j = 0; j < m; ++j) {
+        uint64_t i = uint64_t(e + j);
+        if ((i >> 2) != block) r = philox_block(seed, i), block = i >> 2;  // as dropout_keep, once per block
+        buf[j] = uniform24(r.v[i & 3u]) > p ? buf[j] * keep_scale : 0.0f;
+      }
+      narrow(L, t, buf, byte_ptr(out.data, t, e), m);
+    }
+  });
+}
+
 // ================================ sum ============================================================
 
 namespace {

@@ -36,4 +36,9 @@ void fill_cpu(const TensorView& out, double value, ThreadPool& pool);
 // element i depends only on (seed, i), so results do not depend on thread count or device.
 void randn_cpu(const TensorView& out, uint64_t seed, float mean, float std, ThreadPool& pool);
 
+// Inverted dropout: out[i] = dropout_keep(seed, i, p) ? x[i] / (1 - p) : 0 (core/rng.h), p in [0, 1).
+// x, out: same shape, one floating dtype, contiguous; out may alias x. The gradient is the same
+// call on the upstream gradient with the same seed.
+void dropout_cpu(const TensorView& x, float p, uint64_t seed, const TensorView& out, ThreadPool& pool);
+
 }  // namespace tk

@@ -320,6 +320,15 @@ TensorPtr scale(const Tensor& x, double alpha) {
   return out;
 }
 
+TensorPtr dropout(const Tensor& x, double p, uint64_t seed) {
+  TK_CHECK(is_floating(x.dtype()), "dropout: dtype ", dtype_name(x.dtype()), " is not a floating type; cast with t.to('f32')");
+  TK_CHECK(p >= 0 && p < 1, "dropout: p must be in [0, 1), got ", p);
+  TensorPtr out = empty(x.shape(), x.dtype(), x.device());
+  TensorView xv = x.view(), ov = out->view();
+  launch("dropout", x.device(), {[=](ThreadPool& pool) { dropout_cpu(xv, float(p), seed, ov, pool); }, nullptr});
+  return out;
+}
+
 TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
   const char* op = "sum";
   TK_CHECK(x.dtype() != DType::U8, op, ": dtype u8 is not supported; cast with t.to('i32')");

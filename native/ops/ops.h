@@ -83,6 +83,8 @@ TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
 // Numpy broadcasting; operands share dtype and device.
 TensorPtr binary(BinaryOp op, const Tensor& a, const Tensor& b);
 TensorPtr scale(const Tensor& x, double alpha);
+// Inverted dropout with drop probability p in [0, 1): the mask depends only on (seed, index).
+TensorPtr dropout(const Tensor& x, double p, uint64_t seed);
 // Sum over `axes` (negative counts from the end; empty = all axes).
 TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim);
 // x [..., D], weight [D] -> x * rsqrt(mean(x^2) + eps) * weight, computed in fp32. f32 or bf16.

@@ -163,4 +163,15 @@ std::vector<double> randn(int64_t n, uint64_t seed, double mean, double stddev) 
   return out;
 }
 
+std::vector<double> dropout(const std::vector<double>& x, double p, uint64_t seed) {
+  std::vector<double> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint64_t block = uint64_t(i) / 4;
+    Philox4x32 r = philox4x32_10(uint32_t(block), uint32_t(block >> 32), 0, 0, uint32_t(seed), uint32_t(seed >> 32));
+    double u = double((r.v[i % 4] >> 8) + 1) / 16777216.0;
+    out[i] = u > p ? x[i] / (1.0 - p) : 0.0;
+  }
+  return out;
+}
+
 }  // namespace tk::ref

@@ -40,5 +40,7 @@ std::vector<double> cast(const TensorView& src, DType dst);
 // mean + stddev * z_i for i in [0, n), with z_i from the Philox stream of core/rng.h and
 // Box-Muller evaluated in double on the same 24-bit uniforms.
 std::vector<double> randn(int64_t n, uint64_t seed, double mean, double stddev);
+// Inverted dropout from the Philox words directly (not through rng.h's dropout_keep).
+std::vector<double> dropout(const std::vector<double>& x, double p, uint64_t seed);
 
 }  // namespace tk::ref

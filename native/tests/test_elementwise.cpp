@@ -600,6 +600,32 @@ TK_TEST(ew_fill) {
     }
 }
 
+TK_TEST(ew_dropout) {
+  if (!correctness_mode(ctx)) return;
+  for (DType t : {DType::F32, DType::BF16})
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(1025), int64_t(100003)})
+      for (float p : {0.0f, 0.3f, 0.9f}) {
+        const uint64_t seed = 77 + uint64_t(n);
+        Buf x({n}, t), out({n}, t);
+        x.set(randn(size_t(n), seed));
+        dropout_cpu(x.view(), p, seed, out.view(), ctx.pool);
+        char what[96];
+        std::snprintf(what, sizeof what, "dropout %s n=%lld p=%.1f", dtype_name(t), (long long)n, double(p));
+        std::vector<double> want = ref::dropout(x.values(), p, seed), got = out.values();
+        int64_t mask_mismatch = 0;
+        for (size_t i = 0; i < got.size(); ++i) mask_mismatch += (got[i] == 0.0) != (want[i] == 0.0);
+        ctx.check(mask_mismatch == 0, std::string(what) + ": the same elements dropped as the reference");
+        ctx.check_nmse(what, got, want, t == DType::F32 ? 1e-13 : 1e-5);
+        ctx.check(out.intact(), std::string(what) + ": guard bytes");
+        if (n == 100003) {
+          int64_t kept = 0;
+          for (double v : out.values()) kept += v != 0.0;
+          double rate = double(kept) / double(n), sd = std::sqrt(p * (1 - p) / double(n));
+          ctx.check(std::fabs(rate - (1 - p)) <= 5 * sd + 1e-9, std::string(what) + ": kept fraction within 5 sigma");
+        }
+      }
+}
+
 TK_TEST(ew_randn) {
   if (!correctness_mode(ctx)) return;
   const int64_t n = 1000000;
