@@ -5,6 +5,7 @@
 import * as tk from '../dist/index.js';
 import { native } from '../dist/native.js';
 
+import { benchAttention } from './attention.mjs';
 import { benchGemm } from './gemm.mjs';
 import { benchOps } from './ops.mjs';
 
@@ -20,3 +21,4 @@ console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
 
 await benchGemm({ peak, quick });
 await benchOps({ peak, quick });
+await benchAttention({ peak, quick });

@@ -1,7 +1,7 @@
 // tunekit: fine-tune large language models from Node.js. The public surface (DESIGN.md).
 export { checkpoint, isGradEnabled, noGrad } from './autograd.js';
 export { DisposedError, NativeLoadError } from './errors.js';
-export { info, memory, setThreads, synchronize, type Info } from './runtime.js';
+export { info, memory, resetPeakMemory, setThreads, synchronize, type Info } from './runtime.js';
 export { scope, tidy, Scope } from './scope.js';
 export {
   Tensor,

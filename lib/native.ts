@@ -112,6 +112,7 @@ export interface NativeBinding {
   info(): NativeInfo;
   memory(): Record<string, NativeMemory>;
   setThreads(n: number): void;
+  resetPeakMemory(device: string): void;
   setIsa(isa: string): string;
   probe(seconds: number, bytes: number): NativeProbe;
   napiVersion: number;

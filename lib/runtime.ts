@@ -21,6 +21,14 @@ export function setThreads(threads: number): void {
   native().setThreads(threads);
 }
 
+/**
+ * Waits for the device's queue, then restarts its peakAllocatedBytes (tk.memory()) at the bytes
+ * allocated now, so that a phase's peak can be measured on its own.
+ */
+export function resetPeakMemory(device = 'cpu'): void {
+  native().resetPeakMemory(checkDevice(device, 'resetPeakMemory'));
+}
+
 /** Waits until all work queued on `device` has run; rethrows a deferred device error. */
 export function synchronize(device = 'cpu'): void {
   native().synchronize(checkDevice(device, 'synchronize'));

@@ -775,6 +775,12 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  guarded(env, [&] { tk::Runtime::get().reset_peak(arg_device(info[0])); });
+  return env.Undefined();
+}
+
 Napi::Value SetThreads(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   guarded(env, [&] {
@@ -876,6 +882,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("info", Napi::Function::New(env, Info));
   exports.Set("memory", Napi::Function::New(env, Memory));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));
+  exports.Set("resetPeakMemory", Napi::Function::New(env, ResetPeakMemory));
   exports.Set("setIsa", Napi::Function::New(env, SetIsa));
   exports.Set("probe", Napi::Function::New(env, Probe));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));

@@ -85,6 +85,11 @@ AllocatorStats CpuAllocator::stats() {
   return stats_;
 }
 
+void CpuAllocator::reset_peak() {
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.peak_allocated_bytes = stats_.allocated_bytes;
+}
+
 void CpuAllocator::set_cache_limit(size_t bytes) {
   std::lock_guard<std::mutex> lk(mu_);
   cache_limit_ = bytes;

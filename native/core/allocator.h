@@ -25,6 +25,8 @@ class CpuAllocator {
   void release(void* ptr);
   void empty_cache();
   AllocatorStats stats();
+  // Starts a new peak measurement at the current allocation (benchmarks measure one phase).
+  void reset_peak();
   // Upper bound on cached bytes; blocks released beyond it go back to the system.
   void set_cache_limit(size_t bytes);
 

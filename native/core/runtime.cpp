@@ -107,6 +107,14 @@ AllocatorStats Runtime::allocator_stats(Device dev) {
 #endif
 }
 
+void Runtime::reset_peak(Device dev) {
+  queue(dev).synchronize();
+  if (dev.type == DeviceType::CPU) return CpuAllocator::instance().reset_peak();
+#ifdef TUNEKIT_WITH_CUDA
+  cuda::reset_peak(dev.index);
+#endif
+}
+
 void Runtime::synchronize_all() {
   cpu_->synchronize();
 #ifdef TUNEKIT_WITH_CUDA

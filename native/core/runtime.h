@@ -35,6 +35,8 @@ class Runtime {
 
   LiveStats& live(Device dev);
   AllocatorStats allocator_stats(Device dev);
+  // Waits for the device queue, then restarts its peak-allocation figure at the current value.
+  void reset_peak(Device dev);
   int cuda_device_count();
   bool cuda_compiled() const;
   void synchronize_all();

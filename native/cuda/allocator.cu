@@ -207,6 +207,12 @@ AllocatorStats allocator_stats(int device) {
   return h.stats;
 }
 
+void reset_peak(int device) {
+  DeviceHeap& h = heap(device, "reset_peak");
+  std::lock_guard<std::mutex> lk(h.mu);
+  h.stats.peak_allocated_bytes = h.stats.allocated_bytes;
+}
+
 void empty_cache(int device) {
   DeviceHeap& h = heap(device, "empty_cache");
   std::map<cudaStream_t, std::multimap<size_t, void*>> blocks;

@@ -62,6 +62,8 @@ void* stream_of(Queue& q);
 // (Queue::release), never directly: that is what makes reuse stream-ordered.
 void* allocate(int device, size_t bytes);
 AllocatorStats allocator_stats(int device);
+// Restarts the device's peak-allocation figure at its current allocation.
+void reset_peak(int device);
 // Returns every cached block of `device` to the driver. Waits for the device's streams first, so
 // it blocks the caller until queued work has finished.
 void empty_cache(int device);

@@ -1,0 +1,66 @@
+// Attention forward + backward (causal, fp32) against PyTorch's naive attention, which
+// materializes the [T, T] scores: time and peak memory. tunekit's peak is its allocator's (tensor
+// memory), PyTorch's the growth of the process's max RSS over its first step (inputs allocated
+// before), so both count what the step itself adds.
+import { spawnSync } from 'node:child_process';
+
+import { Bench } from 'tinybench';
+
+import * as tk from '../dist/index.js';
+
+export function torchPython() {
+  // Debian's python3-torch lives under /usr/bin/python3; a pyenv python3 on PATH may lack torch.
+  for (const py of ['/usr/bin/python3', 'python3']) {
+    const r = spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' });
+    if (r.status === 0) return py;
+  }
+  return null;
+}
+
+export async function benchAttention({ peak, quick = false }) {
+  const threads = tk.info().cpu.threads;
+  const py = torchPython();
+  const H = 8, D = 64, B = 1;
+  const rows = [];
+  for (const T of quick ? [256] : [1024, 2048]) {
+    const q = tk.randn([B, T, H, D], { seed: 1, requiresGrad: true });
+    const k = tk.randn([B, T, H, D], { seed: 2, requiresGrad: true });
+    const v = tk.randn([B, T, H, D], { seed: 3, requiresGrad: true });
+    const dout = tk.randn([B, T, H, D], { seed: 4 });
+    const step = () => {
+      tk.tidy(() => tk.ops.attention(q, k, v).backward(dout));
+      tk.synchronize();
+      q.grad = k.grad = v.grad = null;
+    };
+    step();
+    tk.resetPeakMemory();
+    const base = tk.memory().cpu.allocatedBytes;
+    step();
+    const peakBytes = tk.memory().cpu.peakAllocatedBytes - base;
+    const bench = new Bench({ time: quick ? 200 : 2000, iterations: 3, warmupIterations: 0, warmupTime: 0 });
+    bench.add('attention', step);
+    await bench.run();
+    const seconds = bench.tasks[0].result.latency.min / 1e3;
+    // Causal: half the scores; forward 2 GEMM-like products, backward 5 (recomputing the scores).
+    const flops = (7 * 2 * B * H * T * T * D) / 2;
+    let torch = null;
+    if (py) {
+      const r = spawnSync(py, ['bench/torch_attention.py', String(threads), String(B), String(T), String(H), String(D)], { encoding: 'utf8' });
+      if (r.status === 0) torch = JSON.parse(r.stdout.trim().split('\n').pop());
+    }
+    rows.push({
+      shape: `[${B},${T},${H},${D}] causal`,
+      'tunekit ms': +(seconds * 1e3).toFixed(1),
+      'GFLOP/s': +(flops / seconds / 1e9).toFixed(1),
+      'of fp32 peak': `${((100 * flops) / seconds / 1e9 / peak.fp32Gflops).toFixed(0)}%`,
+      'tunekit peak MiB': +(peakBytes / 2 ** 20).toFixed(1),
+      'torch naive ms': torch ? +(torch.seconds * 1e3).toFixed(1) : 'n/a',
+      'torch peak MiB': torch ? +(torch.peak_bytes / 2 ** 20).toFixed(1) : 'n/a',
+      speedup: torch ? `${(torch.seconds / seconds).toFixed(2)}x` : 'n/a',
+    });
+    for (const t of [q, k, v, dout]) t.dispose();
+  }
+  console.log(`\nAttention forward + backward, fp32, ${threads} threads (goal: >= 2x PyTorch's naive attention)`);
+  console.table(rows);
+  return rows;
+}
