@@ -7,6 +7,7 @@ import { native } from '../dist/native.js';
 
 import { benchAttention } from './attention.mjs';
 import { benchGemm } from './gemm.mjs';
+import { benchLoadMemory } from './load-memory.mjs';
 import { benchOps } from './ops.mjs';
 
 const quick = process.argv.includes('--quick');
@@ -22,3 +23,4 @@ console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
 await benchGemm({ peak, quick });
 await benchOps({ peak, quick });
 await benchAttention({ peak, quick });
+if (!quick) await benchLoadMemory();

@@ -92,6 +92,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
   try {
     const declared = new Set(model.declaredParameters());
     const quantized = new Set(q ? model.linearLayers().map(([name]) => `${name}.weight`) : []);
+    let staging = new Uint8Array(0);
     for (const name of ckpt.tensors.keys()) {
       if (declared.has(name) || IGNORED.some((re) => re.test(name))) continue;
       if (name === 'lm_head.weight' && config.tieWordEmbeddings) continue;  // some tied checkpoints store it anyway
@@ -103,7 +104,10 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       const want = expectedShape(model, name);
       if (info.shape.join() !== want.join())
         throw new ModelLoadError(`loadModel: ${dir}: tensor '${name}' has shape [${info.shape.join(', ')}], but config.json implies [${want.join(', ')}]`);
-      const bytes = await ckpt.read(name);
+      // One staging buffer, reused: the JavaScript heap holds one tensor's bytes at a time.
+      if (staging.byteLength < info.byteLength) staging = new Uint8Array(info.byteLength);
+      const bytes = staging.subarray(0, info.byteLength);
+      await ckpt.readInto(name, bytes);
       const t = detached((s) => {
         const raw = fromBytes(bytes, info);
         const cast = raw.dtype === dtype ? raw : raw.to(dtype);
@@ -111,12 +115,17 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       });
       if (quantized.has(name)) {
         const layer = model.getModule(name.slice(0, -'.weight'.length)) as import('../nn/layers.js').Linear;
-        layer.setQuantized(detached((s) => {
+        const w = detached((s) => {
           const w = quantize(t, { blockSize, doubleQuant: true });
           for (const part of [w.packed, w.absmax, w.scale2, w.offset]) if (part) s.keep(part);
           return w;
-        }));
+        });
+        layer.setQuantized(w);
         t.dispose();
+        // Reading outpaces quantizing: wait for this weight's kernel (without blocking the event
+        // loop), so dense weights never pile up in the queue and the peak stays one layer above
+        // the quantized model.
+        await (w.offset ?? w.absmax).toArray();
       } else {
         model.setParameter(name, t);
       }
