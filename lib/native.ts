@@ -76,6 +76,8 @@ export interface NativeBinding {
   cast(t: NativeTensor, dtype: DType): NativeTensor;
   reshape(t: NativeTensor, shape: number[]): NativeTensor;
   permute(t: NativeTensor, perm: number[]): NativeTensor;
+  concat(tensors: NativeTensor[], axis: number): NativeTensor;
+  narrow(x: NativeTensor, axis: number, start: number, length: number): NativeTensor;
   matmul(a: NativeTensor, b: NativeTensor, transA: boolean, transB: boolean): NativeTensor;
   binary(op: 'add' | 'sub' | 'mul', a: NativeTensor, b: NativeTensor): NativeTensor;
   scale(x: NativeTensor, alpha: number): NativeTensor;
@@ -85,7 +87,7 @@ export interface NativeBinding {
   swiglu(gate: NativeTensor, up: NativeTensor): NativeTensor;
   embedding(ids: NativeTensor, table: NativeTensor): NativeTensor;
   rope(x: NativeTensor, positions: NativeTensor | null, theta: number, scaling: NativeRopeScaling): NativeTensor;
-  attention(q: NativeTensor, k: NativeTensor, v: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null): NativeTensor;
+  attention(q: NativeTensor, k: NativeTensor, v: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null, keySegmentIds: NativeTensor | null): NativeTensor;
   crossEntropy(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum' | 'none'): NativeTensor;
   sequenceLogprobs(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number): NativeTensor;
   dpoLoss(pc: NativeTensor, pr: NativeTensor, rc: NativeTensor, rr: NativeTensor, beta: number, kind: string, labelSmoothing: number): { loss: NativeTensor; chosenRewards: NativeTensor; rejectedRewards: NativeTensor };
@@ -96,8 +98,8 @@ export interface NativeBinding {
   swigluBackward(dout: NativeTensor, gate: NativeTensor, up: NativeTensor): { dgate: NativeTensor; dup: NativeTensor };
   embeddingBackward(dout: NativeTensor, ids: NativeTensor, vocab: number, dtype: DType): NativeTensor;
   ropeBackward(dy: NativeTensor, positions: NativeTensor | null, theta: number, scaling: NativeRopeScaling): NativeTensor;
-  attentionTrain(q: NativeTensor, k: NativeTensor, v: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null): { out: NativeTensor; lse: NativeTensor };
-  attentionBackward(dout: NativeTensor, q: NativeTensor, k: NativeTensor, v: NativeTensor, out: NativeTensor, lse: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null): { dq: NativeTensor; dk: NativeTensor; dv: NativeTensor };
+  attentionTrain(q: NativeTensor, k: NativeTensor, v: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null, keySegmentIds: NativeTensor | null): { out: NativeTensor; lse: NativeTensor };
+  attentionBackward(dout: NativeTensor, q: NativeTensor, k: NativeTensor, v: NativeTensor, out: NativeTensor, lse: NativeTensor, causal: boolean, scale: number, segmentIds: NativeTensor | null, keySegmentIds: NativeTensor | null): { dq: NativeTensor; dk: NativeTensor; dv: NativeTensor };
   crossEntropyTrain(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum' | 'none'): { loss: NativeTensor; lse: NativeTensor };
   crossEntropyBackward(dloss: NativeTensor, logits: NativeTensor, targets: NativeTensor, lse: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum' | 'none'): NativeTensor;
   sequenceLogprobsTrain(logits: NativeTensor, targets: NativeTensor, ignoreIndex: number): { out: NativeTensor; lse: NativeTensor };

@@ -1,7 +1,8 @@
 // Golden fixtures from an independent implementation: tests/fixtures/*.json are written by
 // scripts/make-fixtures.py with PyTorch (float64 references from float32 inputs; regenerate with
 // `/usr/bin/python3 scripts/make-fixtures.py`). Forward f32 ops must match with NMSE < 1e-10; the
-// NF4 values built from code * absmax must round-trip exactly.
+// NF4 values built from code * absmax must round-trip exactly, and NF4 with double quantization must
+// reproduce bitsandbytes' codes, quantized absmaxes and dequantized weight bit for bit.
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 
@@ -124,6 +125,83 @@ describe('golden: NF4 (QLoRA code table)', () => {
       const packed = q.packed.toArraySync();
       const indices = c.codeIndices.map((_, i) => (i % 2 === 0 ? packed[i >> 1]! >> 4 : packed[i >> 1]! & 0xf));
       expect(indices).toEqual(c.codeIndices);
+    });
+  }
+});
+
+describe('golden: distillation losses (forward / reverse KL, Liger generalized JSD, T^2-scaled, ignore mask)', () => {
+  interface Inputs { student: Arr; teacher: Arr; targets?: Arr }
+  interface C {
+    name: string;
+    input: string;
+    options: { kind: 'forward_kl' | 'reverse_kl' | 'jsd'; beta: number; temperature: number; ignoreIndex: number };
+    // losses (per row) and gradStudent (d loss / d student logits, from torch.autograd) are carried
+    // for a backward check once distillLoss has one; only the loss is exposed today.
+    expected: { loss: number; losses: Arr; gradStudent: Arr };
+  }
+  const fixture = load<C>('distill.json');
+  const inputs = fixture.inputs as Record<string, Inputs>;
+  for (const c of fixture.cases) {
+    it(c.name, () => {
+      const inp = inputs[c.input]!;
+      using student = f32(inp.student);
+      using teacher = f32(inp.teacher);
+      using targets = inp.targets ? i32(inp.targets) : undefined;
+      using loss = tk.ops.distillLoss(student, teacher, { ...c.options, targets });
+      expect(loss.shape).toEqual([]);
+      expect(nmse(loss.toArraySync(), [c.expected.loss])).toBeLessThan(TOL);
+    });
+  }
+});
+
+describe("golden: NF4 with double quantization (bitsandbytes' quantize_4bit / dequantize_4bit algorithm)", () => {
+  interface C {
+    name: string;
+    options: { doubleQuant: boolean; blockSize: number };
+    w: Arr;
+    packed: number[];
+    qabsmax: number[];
+    scale2: number[];
+    offset: number;
+    absmax: number[];
+    absmaxDequantized: number[];
+    bytes: number;
+    bitsPerParameter: number;
+    expected: Arr;
+  }
+  const fixture = load<C>('nf4_double.json');
+  for (const c of fixture.cases) {
+    it(`${c.name}: quantize gives bitsandbytes' codes, qabsmax, scale2 and offset bit for bit`, () => {
+      using w = f32(c.w);
+      using q = tk.nf4.quantize(w, { doubleQuant: true, blockSize: c.options.blockSize });
+      expect(q.doubleQuant).toBe(true);
+      expect(q.packed.dtype).toBe('u8');
+      expect(Array.from(q.packed.toArraySync())).toEqual(c.packed);
+      expect(q.absmax.dtype).toBe('u8');
+      expect(Array.from(q.absmax.toArraySync())).toEqual(c.qabsmax);
+      // Fixture floats are float32 values printed with 9 significant digits: Math.fround restores them.
+      expect(Array.from(q.scale2!.toArraySync())).toEqual(c.scale2.map(Math.fround));
+      expect(q.offset!.shape).toEqual([]);
+      expect(Array.from(q.offset!.toArraySync())).toEqual([Math.fround(c.offset)]);
+      expect(q.bytes).toBe(c.bytes);
+      expect((q.bytes * 8) / c.w.data.length).toBe(c.bitsPerParameter);
+      using d = tk.nf4.dequantize(q);
+      expect(d.shape).toEqual(c.expected.shape);
+      expect(Array.from(d.toArraySync())).toEqual(c.expected.data.map(Math.fround));
+    });
+
+    it(`${c.name}: dequantize of the fixture's own quantized parts`, () => {
+      using q = new tk.nf4.Nf4Weight(
+        c.expected.shape,
+        c.options.blockSize,
+        true,
+        tk.tensor(Uint8Array.from(c.packed), [c.packed.length], { dtype: 'u8' }),
+        tk.tensor(Uint8Array.from(c.qabsmax), [c.qabsmax.length], { dtype: 'u8' }),
+        tk.tensor(new Float32Array(c.scale2), [c.scale2.length]),
+        tk.tensor(new Float32Array([c.offset]), []),
+      );
+      using d = tk.nf4.dequantize(q);
+      expect(Array.from(d.toArraySync())).toEqual(c.expected.data.map(Math.fround));
     });
   }
 });

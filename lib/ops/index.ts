@@ -5,4 +5,4 @@ export { matmul, type MatmulOptions } from './matmul.js';
 export { embedding, rmsNorm, swiglu, type RmsNormOptions } from './norm.js';
 export { broadcastTo, sum, type SumOptions } from './reduce.js';
 export { rope, type RopeOptions, type RopeScaling } from './rope.js';
-export { cast, permute, reshape, transpose } from './shape.js';
+export { cast, concat, narrow, permute, reshape, transpose } from './shape.js';

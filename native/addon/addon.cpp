@@ -410,9 +410,10 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
     const tk::Tensor* seg = info[5].IsNull() || info[5].IsUndefined() ? nullptr : &NativeTensor::From(info[5], "segmentIds");
+    const tk::Tensor* kseg = info[6].IsNull() || info[6].IsUndefined() ? nullptr : &NativeTensor::From(info[6], "keySegmentIds");
     return NativeTensor::Wrap(env, tk::ops::attention(NativeTensor::From(info[0], "q"), NativeTensor::From(info[1], "k"),
                                                       NativeTensor::From(info[2], "v"), info[3].ToBoolean(),
-                                                      arg_number(info[4], "scale"), seg));
+                                                      arg_number(info[4], "scale"), seg, kseg));
   });
 }
 
@@ -517,6 +518,23 @@ Napi::Value DistillLoss(const Napi::CallbackInfo& info) {
 
 // ---- training ops ----------------------------------------------------------------------------------
 
+Napi::Value Concat(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto list = arg_tensors(info[0], "tensors");
+    std::vector<const tk::Tensor*> tensors(list.begin(), list.end());
+    return NativeTensor::Wrap(env, tk::ops::concat(tensors, int(arg_int(info[1], "axis"))));
+  });
+}
+
+Napi::Value Narrow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::narrow(NativeTensor::From(info[0], "x"), int(arg_int(info[1], "axis")),
+                                                   arg_int(info[2], "start"), arg_int(info[3], "length")));
+  });
+}
+
 Napi::Value BroadcastTo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -572,7 +590,7 @@ Napi::Value AttentionTrain(const Napi::CallbackInfo& info) {
   return guarded(env, [&] {
     auto r = tk::ops::attention_train(NativeTensor::From(info[0], "q"), NativeTensor::From(info[1], "k"),
                                       NativeTensor::From(info[2], "v"), info[3].ToBoolean(), arg_number(info[4], "scale"),
-                                      optional_tensor(info[5], "segmentIds"));
+                                      optional_tensor(info[5], "segmentIds"), optional_tensor(info[6], "keySegmentIds"));
     return pair_to_js(env, "out", std::move(r.out), "lse", std::move(r.lse));
   });
 }
@@ -583,7 +601,8 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     auto g = tk::ops::attention_backward(NativeTensor::From(info[0], "dout"), NativeTensor::From(info[1], "q"),
                                          NativeTensor::From(info[2], "k"), NativeTensor::From(info[3], "v"),
                                          NativeTensor::From(info[4], "out"), NativeTensor::From(info[5], "lse"),
-                                         info[6].ToBoolean(), arg_number(info[7], "scale"), optional_tensor(info[8], "segmentIds"));
+                                         info[6].ToBoolean(), arg_number(info[7], "scale"), optional_tensor(info[8], "segmentIds"),
+                                         optional_tensor(info[9], "keySegmentIds"));
     Napi::Object out = Napi::Object::New(env);
     out.Set("dq", NativeTensor::Wrap(env, std::move(g.a)));
     out.Set("dk", NativeTensor::Wrap(env, std::move(g.b)));
@@ -846,6 +865,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cast", Napi::Function::New(env, Cast));
   exports.Set("reshape", Napi::Function::New(env, Reshape));
   exports.Set("permute", Napi::Function::New(env, Permute));
+  exports.Set("concat", Napi::Function::New(env, Concat));
+  exports.Set("narrow", Napi::Function::New(env, Narrow));
   exports.Set("matmul", Napi::Function::New(env, Matmul));
   exports.Set("binary", Napi::Function::New(env, Binary));
   exports.Set("scale", Napi::Function::New(env, Scale));

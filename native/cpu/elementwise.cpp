@@ -978,6 +978,41 @@ void randn_cpu(const TensorView& out, uint64_t seed, float mean, float stddev, T
   });
 }
 
+void concat_cpu(const TensorView* inputs, int count, int axis, const TensorView& out, ThreadPool& pool) {
+  const char* name = "concat_cpu";
+  check_cpu(out, name, "out");
+  TK_CHECK(out.is_contiguous() && axis >= 0 && axis < out.ndim, name, ": out ", describe(out), " must be contiguous with axis ",
+           axis, " in range");
+  const size_t es = dtype_size(out.dtype);
+  int64_t rows = 1, inner = 1, total = 0;
+  for (int d = 0; d < axis; ++d) rows *= out.shape[d];
+  for (int d = axis + 1; d < out.ndim; ++d) inner *= out.shape[d];
+  for (int i = 0; i < count; ++i) {
+    const TensorView& in = inputs[i];
+    check_cpu(in, name, "input");
+    TK_CHECK(in.dtype == out.dtype && in.ndim == out.ndim && in.is_contiguous(), name, ": input ", i, " ", describe(in),
+             " must be contiguous with out's dtype and rank");
+    for (int d = 0; d < out.ndim; ++d)
+      TK_CHECK(d == axis || in.shape[d] == out.shape[d], name, ": input ", i, " ", describe(in), " differs from out ",
+               describe(out), " off axis ", axis);
+    total += in.shape[axis];
+  }
+  TK_CHECK(total == out.shape[axis], name, ": the inputs add up to ", total, " on axis ", axis, ", out has ", out.shape[axis]);
+  if (out.numel() == 0) return;
+  // Each output row (one index of the axes before `axis`) is the inputs' rows back to back.
+  const int64_t row_bytes = out.shape[axis] * inner * int64_t(es);
+  pool.parallel_for(rows, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, row_bytes)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      char* dst = static_cast<char*>(out.data) + r * row_bytes;
+      for (int i = 0; i < count; ++i) {
+        const int64_t n = inputs[i].shape[axis] * inner * int64_t(es);
+        if (n) std::memcpy(dst, static_cast<const char*>(inputs[i].data) + r * n, size_t(n));
+        dst += n;
+      }
+    }
+  });
+}
+
 void dropout_cpu(const TensorView& x, float p, uint64_t seed, const TensorView& out, ThreadPool& pool) {
   const char* name = "dropout_cpu";
   check_cpu(x, name, "x");

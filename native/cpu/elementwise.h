@@ -29,6 +29,10 @@ void sum_cpu(const TensorView& x, uint32_t axes_mask, const TensorView& out, Thr
 // zero and saturate to the target range, NaN becomes 0.
 void copy_cpu(const TensorView& src, const TensorView& dst, ThreadPool& pool);
 
+// out = the inputs joined along `axis`: inputs[count] and out contiguous, one dtype, equal sizes
+// on every other axis; out's size on `axis` is the sum of theirs.
+void concat_cpu(const TensorView* inputs, int count, int axis, const TensorView& out, ThreadPool& pool);
+
 // out[:] = value (rounded to out's dtype).
 void fill_cpu(const TensorView& out, double value, ThreadPool& pool);
 

@@ -227,6 +227,56 @@ TensorPtr permute(const Tensor& t, const std::vector<int>& perm) {
   return out;
 }
 
+TensorPtr concat(const std::vector<const Tensor*>& tensors, int axis) {
+  const char* op = "concat";
+  TK_CHECK(!tensors.empty(), op, ": needs at least one tensor");
+  const Tensor& first = *tensors[0];
+  const int nd = int(first.shape().size());
+  TK_CHECK(nd > 0, op, ": cannot join scalars; reshape them to [1] first");
+  const int a = normalize_axis(op, axis, nd, first.shape());
+  std::vector<int64_t> out_shape = first.shape();
+  out_shape[size_t(a)] = 0;
+  std::vector<TensorView> views;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = *tensors[i];
+    same_device(op, first, t);
+    same_dtype(op, first, t);
+    bool ok = int(t.shape().size()) == nd;
+    for (int d = 0; ok && d < nd; ++d) ok = d == a || t.shape()[size_t(d)] == first.shape()[size_t(d)];
+    TK_CHECK(ok, op, ": tensor ", i, " ", t.describe(), " does not match ", first.describe(), " off axis ", a);
+    out_shape[size_t(a)] += t.shape()[size_t(a)];
+    views.push_back(t.view());
+  }
+  check_shape(op, out_shape, first.dtype());
+  TensorPtr out = empty(out_shape, first.dtype(), first.device());
+  TensorView ov = out->view();
+  launch(op, first.device(), {[=, views = std::move(views)](ThreadPool& pool) {
+                                concat_cpu(views.data(), int(views.size()), a, ov, pool);
+                              },
+                              nullptr});
+  return out;
+}
+
+TensorPtr narrow(const Tensor& x, int axis, int64_t start, int64_t length) {
+  const char* op = "narrow";
+  const int nd = int(x.shape().size());
+  TK_CHECK(nd > 0, op, ": x ", x.describe(), " has no axis to narrow");
+  const int a = normalize_axis(op, axis, nd, x.shape());
+  const int64_t size = x.shape()[size_t(a)];
+  TK_CHECK(start >= 0 && length >= 0 && start + length <= size, op, ": [", start, ", ", start + length,
+           ") is outside axis ", a, " of ", x.describe());
+  std::vector<int64_t> out_shape = x.shape();
+  out_shape[size_t(a)] = length;
+  TensorView src = x.view();
+  TensorView strided = src;
+  strided.shape[a] = length;
+  strided.data = static_cast<char*>(src.data) + size_t(start * src.strides[a]) * dtype_size(x.dtype());
+  TensorPtr out = empty(out_shape, x.dtype(), x.device());
+  TensorView dst = out->view();
+  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  return out;
+}
+
 TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   const char* op = "matmul";
   same_device(op, a, b);
@@ -474,15 +524,15 @@ TensorPtr rope_backward(const Tensor& dy, const Tensor* positions, double theta,
 }
 
 TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
-                    const Tensor* segment_ids) {
+                    const Tensor* segment_ids, const Tensor* key_segment_ids) {
   // The log-sum-exp a backward pass would reuse is released after the kernel, in queue order.
-  return attention_train(q, k, v, causal, scale, segment_ids).out;
+  return attention_train(q, k, v, causal, scale, segment_ids, key_segment_ids).out;
 }
 
 namespace {
 
 void check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale,
-                     const Tensor* segment_ids) {
+                     const Tensor* segment_ids, const Tensor* key_segment_ids) {
   same_device(op, q, k);
   same_device(op, q, v);
   same_dtype(op, q, k);
@@ -503,28 +553,40 @@ void check_attention(const char* op, const Tensor& q, const Tensor& k, const Ten
     const std::vector<int64_t> want{B, T};
     TK_CHECK(segment_ids->dtype() == DType::I32 && segment_ids->shape() == want, op,
              ": segmentIds ", segment_ids->describe(), " must be i32 [", B, ", ", T, "]");
-    TK_CHECK(S == T, op, ": segmentIds need as many keys as queries (S == T), got T = ", T, ", S = ", S);
+    if (key_segment_ids) {
+      same_device(op, q, *key_segment_ids);
+      const std::vector<int64_t> want_k{B, S};
+      TK_CHECK(key_segment_ids->dtype() == DType::I32 && key_segment_ids->shape() == want_k, op, ": keySegmentIds ",
+               key_segment_ids->describe(), " must be i32 [", B, ", ", S, "]");
+    } else {
+      TK_CHECK(S == T, op, ": segmentIds need as many keys as queries (S == T), got T = ", T, ", S = ", S,
+               "; pass keySegmentIds for the keys");
+    }
+  } else {
+    TK_CHECK(!key_segment_ids, op, ": keySegmentIds need segmentIds for the queries");
   }
 }
 
 }  // namespace
 
 AttentionSaved attention_train(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
-                               const Tensor* segment_ids) {
+                               const Tensor* segment_ids, const Tensor* key_segment_ids) {
   const char* op = "attention";
-  check_attention(op, q, k, v, scale, segment_ids);
+  check_attention(op, q, k, v, scale, segment_ids, key_segment_ids);
   const auto& qs = q.shape();
   AttentionSaved r;
   r.out = empty(qs, q.dtype(), q.device());
   r.lse = empty({qs[0], qs[2], qs[1]}, DType::F32, q.device());
   TensorView qv = q.view(), kv = k.view(), vv = v.view(), ov = r.out->view(), lv = r.lse->view();
-  bool has_seg = segment_ids != nullptr;
+  bool has_seg = segment_ids != nullptr, has_kseg = key_segment_ids != nullptr;
   TensorView sv = has_seg ? segment_ids->view() : TensorView{};
+  TensorView ksv = has_kseg ? key_segment_ids->view() : TensorView{};
   AttentionOptions opt;
   opt.causal = causal;
   opt.scale = float(scale > 0 ? scale : 0.0);
   launch(op, q.device(), {[=](ThreadPool& pool) {
-                            attention_forward_cpu(qv, kv, vv, has_seg ? &sv : nullptr, nullptr, opt, ov, lv, pool);
+                            attention_forward_cpu(qv, kv, vv, has_seg ? &sv : nullptr, has_kseg ? &ksv : nullptr, opt, ov,
+                                                  lv, pool);
                           },
                           nullptr});
   return r;
@@ -798,9 +860,10 @@ TensorPtr embedding_backward(const Tensor& dout, const Tensor& ids, int64_t voca
 }
 
 Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids) {
+                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids,
+                          const Tensor* key_segment_ids) {
   const char* op = "attention (backward)";
-  check_attention(op, q, k, v, scale, segment_ids);
+  check_attention(op, q, k, v, scale, segment_ids, key_segment_ids);
   check_grad(op, "dout", dout, q);
   TK_CHECK(dout.dtype() == q.dtype() && out.shape() == q.shape() && out.dtype() == q.dtype(), op, ": dout ",
            dout.describe(), " and out ", out.describe(), " must match q ", q.describe());
@@ -814,14 +877,15 @@ Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, 
   g.c = empty(v.shape(), v.dtype(), v.device());
   TensorView dov = dout.view(), qv = q.view(), kv = k.view(), vv = v.view(), ov = out.view(), lv = lse.view();
   TensorView dq = g.a->view(), dk = g.b->view(), dv = g.c->view();
-  bool has_seg = segment_ids != nullptr;
+  bool has_seg = segment_ids != nullptr, has_kseg = key_segment_ids != nullptr;
   TensorView sv = has_seg ? segment_ids->view() : TensorView{};
+  TensorView ksv = has_kseg ? key_segment_ids->view() : TensorView{};
   AttentionOptions opt;
   opt.causal = causal;
   opt.scale = float(scale > 0 ? scale : 0.0);
   launch(op, q.device(), {[=](ThreadPool& pool) {
-                            attention_backward_cpu(dov, qv, kv, vv, ov, lv, has_seg ? &sv : nullptr, nullptr, opt, dq,
-                                                   dk, dv, pool);
+                            attention_backward_cpu(dov, qv, kv, vv, ov, lv, has_seg ? &sv : nullptr,
+                                                   has_kseg ? &ksv : nullptr, opt, dq, dk, dv, pool);
                           },
                           nullptr});
   return g;

@@ -77,6 +77,10 @@ TensorPtr to_device(const Tensor& t, Device dev);
 TensorPtr cast(const Tensor& t, DType dtype);
 TensorPtr reshape(const Tensor& t, const std::vector<int64_t>& shape);
 TensorPtr permute(const Tensor& t, const std::vector<int>& perm);
+// The tensors joined along `axis` (same dtype and device, equal sizes elsewhere).
+TensorPtr concat(const std::vector<const Tensor*>& tensors, int axis);
+// A copy of x[..., start:start+length, ...] along `axis`.
+TensorPtr narrow(const Tensor& x, int axis, int64_t start, int64_t length);
 // a [..., M, K] (transA: [..., K, M]), b [..., K, N] (transB: [..., N, K]) -> [..., M, N].
 // Batch dims must be equal, or one operand 2-D (broadcast). f32 or bf16, fp32 accumulation.
 TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
@@ -100,8 +104,10 @@ TensorPtr rope(const Tensor& x, const Tensor* positions, double theta, const Rop
 // q [B, T, H, D], k and v [B, S, Hkv, D] -> [B, T, H, D]; fused (never the [T, S] scores).
 // segment_ids: null, or i32 [B, T] (needs S == T): no attention across segments. scale <= 0
 // means 1/sqrt(D).
+// key_segment_ids: null, or i32 [B, S] with segment_ids given: keys carry their own ids (a KV
+// cache of left-padded rows), and S may differ from T.
 TensorPtr attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
-                    const Tensor* segment_ids);
+                    const Tensor* segment_ids, const Tensor* key_segment_ids = nullptr);
 // logits [..., V], targets [...] i32 -> [] (mean over non-ignored, or sum) or [...] (none), f32.
 TensorPtr cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, LossReduction reduction);
 // logits [B, T, V], targets [B, T] i32 -> [B] f32 sums of log p(target) over non-ignored positions.
@@ -150,13 +156,14 @@ struct AttentionSaved {
   TensorPtr out, lse;  // lse: f32 [B, H, T]
 };
 AttentionSaved attention_train(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
-                               const Tensor* segment_ids);
+                               const Tensor* segment_ids, const Tensor* key_segment_ids = nullptr);
 struct Grads3 {
   TensorPtr a, b, c;
 };
 // -> dq, dk, dv.
 Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids);
+                          const Tensor& lse, bool causal, double scale, const Tensor* segment_ids,
+                          const Tensor* key_segment_ids = nullptr);
 struct LossSaved {
   TensorPtr loss, lse;  // lse: f32, one per row of logits
 };
