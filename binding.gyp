@@ -18,6 +18,7 @@
         "native/cpu/gemm_kernels_avx512.cpp",
         "native/cpu/gemm_kernels_portable.cpp",
         "native/cpu/isa.cpp",
+        "native/cpu/linear_loss.cpp",
         "native/cpu/loss.cpp",
         "native/cpu/nf4.cpp",
         "native/cpu/norm.cpp",

@@ -7,6 +7,7 @@ import { native } from '../dist/native.js';
 
 import { benchAttention } from './attention.mjs';
 import { benchGemm } from './gemm.mjs';
+import { benchLinearLoss } from './linear-loss.mjs';
 import { benchLoadMemory } from './load-memory.mjs';
 import { benchOps } from './ops.mjs';
 
@@ -23,4 +24,5 @@ console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
 await benchGemm({ peak, quick });
 await benchOps({ peak, quick });
 await benchAttention({ peak, quick });
+benchLinearLoss({ quick });
 if (!quick) await benchLoadMemory();

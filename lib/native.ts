@@ -82,6 +82,7 @@ export interface NativeBinding {
   binary(op: 'add' | 'sub' | 'mul', a: NativeTensor, b: NativeTensor): NativeTensor;
   scale(x: NativeTensor, alpha: number): NativeTensor;
   dropout(x: NativeTensor, p: number, seed: number): NativeTensor;
+  scaleByInplace(x: NativeTensor, scale: NativeTensor): NativeTensor;
   sum(x: NativeTensor, axes: number[], keepdim: boolean): NativeTensor;
   rmsNorm(x: NativeTensor, weight: NativeTensor, eps: number): NativeTensor;
   swiglu(gate: NativeTensor, up: NativeTensor): NativeTensor;
@@ -106,6 +107,8 @@ export interface NativeBinding {
   sequenceLogprobsBackward(dout: NativeTensor, logits: NativeTensor, targets: NativeTensor, lse: NativeTensor, ignoreIndex: number): NativeTensor;
   dpoLossBackward(dloss: NativeTensor, pc: NativeTensor, pr: NativeTensor, rc: NativeTensor, rr: NativeTensor, beta: number, kind: string, labelSmoothing: number): { dChosen: NativeTensor; dRejected: NativeTensor };
   distillLossBackward(dloss: NativeTensor, student: NativeTensor, teacher: NativeTensor, targets: NativeTensor | null, kind: string, beta: number, temperature: number, ignoreIndex: number): NativeTensor;
+  linearCrossEntropy(hidden: NativeTensor, weight: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum', wantGrads: boolean): { loss: NativeTensor; dhidden?: NativeTensor; dweight?: NativeTensor };
+  linearDistillLoss(sh: NativeTensor, sw: NativeTensor, th: NativeTensor, tw: NativeTensor, targets: NativeTensor | null, kind: string, beta: number, temperature: number, ignoreIndex: number, alpha: number, wantGrads: boolean): { loss: NativeTensor; dhidden?: NativeTensor; dweight?: NativeTensor };
   adamwStep(params: NativeTensor[], grads: NativeTensor[], m: NativeTensor[], v: NativeTensor[], hp: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale: number }): void;
   clipGradNorm(grads: NativeTensor[], maxNorm: number): NativeTensor;
   nf4Quantize(w: NativeTensor, blockSize: number, doubleQuant: boolean): { packed: NativeTensor; absmax: NativeTensor; scale2?: NativeTensor; offset?: NativeTensor };

@@ -1,5 +1,5 @@
 import { needsGrad, record } from '../autograd.js';
-import { native } from '../native.js';
+import { native, type NativeTensor } from '../native.js';
 import { checkTensor, Tensor } from '../tensor.js';
 
 function checkIgnoreIndex(op: string, i: unknown): number {
@@ -126,4 +126,81 @@ export function distillLoss(student: Tensor, teacher: Tensor, options: DistillOp
   return record(out, 'distillLoss', [student], save, (g, [ss, st, sy]) => [
     Tensor.fromNative(native().distillLossBackward(g.handle(), ss!.handle(), st!.handle(), sy ? sy.handle() : null, kind, beta, temperature, ignoreIndex)),
   ]);
+}
+
+export interface LinearCrossEntropyOptions {
+  /** Targets equal to this are skipped. Default -100. */
+  ignoreIndex?: number;
+  /** 'mean' over non-ignored targets (0 when there are none) or 'sum'. Default 'mean'. */
+  reduction?: 'mean' | 'sum';
+}
+
+/**
+ * The saved gradients (for an upstream gradient of 1) times the actual upstream scalar, in place:
+ * the saved tensor belongs to this graph node alone, and a copy would double the [V, D] memory.
+ */
+function scaleSaved(saved: Tensor | undefined, g: Tensor): Tensor | null {
+  if (!saved) return null;
+  return Tensor.fromNative(native().scaleByInplace(saved.handle(), g.dtype === 'f32' ? g.handle() : g.to('f32').handle()));
+}
+
+/**
+ * Cross entropy of the logits hidden [..., D] x weight [V, D]^T against i32 targets [...], fused
+ * and chunked over rows (Liger-Kernel's FusedLinearCrossEntropy): the [N, V] logits never exist at
+ * once. When gradients are needed they are computed in the same pass and kept for backward.
+ * Differentiable in hidden and weight.
+ */
+export function linearCrossEntropy(hidden: Tensor, weight: Tensor, targets: Tensor, options: LinearCrossEntropyOptions = {}): Tensor {
+  const op = 'linearCrossEntropy';
+  const hh = checkTensor(hidden, op, 'hidden');
+  const hw = checkTensor(weight, op, 'weight');
+  const ht = checkTensor(targets, op, 'targets');
+  const reduction = options.reduction ?? 'mean';
+  if (reduction !== 'mean' && reduction !== 'sum') throw new TypeError(`${op}: reduction must be 'mean' or 'sum', got ${String(reduction)}`);
+  const ignoreIndex = checkIgnoreIndex(op, options.ignoreIndex ?? -100);
+  const grads = needsGrad(hidden, weight);
+  const r = native().linearCrossEntropy(hh, hw, ht, ignoreIndex, reduction, grads);
+  return withSavedGrads(op, Tensor.fromNative(r.loss), [hidden, weight], r);
+}
+
+function withSavedGrads(op: string, loss: Tensor, inputs: Tensor[], r: { dhidden?: NativeTensor; dweight?: NativeTensor }): Tensor {
+  if (!r.dhidden || !r.dweight) return loss;
+  const dh = Tensor.fromNative(r.dhidden);
+  const dw = Tensor.fromNative(r.dweight);
+  try {
+    return record(loss, op, inputs, [dh, dw], (g, [sh, sw], needs) => [needs[0] ? scaleSaved(sh, g) : null, needs[1] ? scaleSaved(sw, g) : null]);
+  } finally {
+    dh.dispose();
+    dw.dispose();
+  }
+}
+
+export interface LinearDistillOptions extends DistillOptions {
+  /** Weight of the cross entropy on targets: loss = alpha CE + (1 - alpha) distill. Default 0. */
+  alpha?: number;
+}
+
+/**
+ * Distillation with the language-model heads fused in and chunked over rows: the student's logits
+ * studentHidden [..., Ds] x studentWeight [V, Ds]^T against the teacher's teacherHidden [..., Dt] x
+ * teacherWeight [V, Dt]^T, without either [N, V] logits at once; optionally mixed with cross
+ * entropy (alpha). Differentiable in the student's hidden states and weight (the teacher is a constant).
+ */
+export function linearDistillLoss(studentHidden: Tensor, studentWeight: Tensor, teacherHidden: Tensor, teacherWeight: Tensor, options: LinearDistillOptions = {}): Tensor {
+  const op = 'linearDistillLoss';
+  const h = [checkTensor(studentHidden, op, 'studentHidden'), checkTensor(studentWeight, op, 'studentWeight'), checkTensor(teacherHidden, op, 'teacherHidden'), checkTensor(teacherWeight, op, 'teacherWeight')] as const;
+  const kind = options.kind ?? 'forward_kl';
+  if (!['forward_kl', 'reverse_kl', 'jsd'].includes(kind)) throw new TypeError(`${op}: kind must be 'forward_kl', 'reverse_kl' or 'jsd', got ${String(kind)}`);
+  const beta = options.beta ?? 0.5;
+  const temperature = options.temperature ?? 1;
+  const alpha = options.alpha ?? 0;
+  if (typeof beta !== 'number' || !(beta >= 0 && beta <= 1)) throw new RangeError(`${op}: beta must be in [0, 1], got ${String(beta)}`);
+  if (typeof temperature !== 'number' || !Number.isFinite(temperature) || !(temperature > 0)) throw new RangeError(`${op}: temperature must be a finite number > 0, got ${String(temperature)}`);
+  if (typeof alpha !== 'number' || !(alpha >= 0 && alpha <= 1)) throw new RangeError(`${op}: alpha must be in [0, 1], got ${String(alpha)}`);
+  const targets = options.targets === undefined ? null : checkTensor(options.targets, op, 'targets');
+  if (alpha > 0 && !targets) throw new TypeError(`${op}: alpha > 0 mixes in cross entropy, which needs targets`);
+  const ignoreIndex = checkIgnoreIndex(op, options.ignoreIndex ?? -100);
+  const grads = needsGrad(studentHidden, studentWeight);
+  const r = native().linearDistillLoss(h[0], h[1], h[2], h[3], targets, kind, beta, temperature, ignoreIndex, alpha, grads);
+  return withSavedGrads(op, Tensor.fromNative(r.loss), [studentHidden, studentWeight], r);
 }

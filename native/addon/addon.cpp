@@ -323,6 +323,13 @@ Napi::Value Scale(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Value ScaleByInplace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return NativeTensor::Wrap(env, tk::ops::scale_by_inplace(NativeTensor::From(info[0], "x"), NativeTensor::From(info[1], "scale")));
+  });
+}
+
 Napi::Value Dropout(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -666,6 +673,34 @@ Napi::Value DistillLossBackward(const Napi::CallbackInfo& info) {
   });
 }
 
+Napi::Object linear_result_to_js(Napi::Env env, tk::ops::LinearLossResult r) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("loss", NativeTensor::Wrap(env, std::move(r.loss)));
+  if (r.dhidden) out.Set("dhidden", NativeTensor::Wrap(env, std::move(r.dhidden)));
+  if (r.dweight) out.Set("dweight", NativeTensor::Wrap(env, std::move(r.dweight)));
+  return out;
+}
+
+Napi::Value LinearCrossEntropy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return linear_result_to_js(env, tk::ops::linear_cross_entropy(NativeTensor::From(info[0], "hidden"), NativeTensor::From(info[1], "weight"),
+                                                                  NativeTensor::From(info[2], "targets"), arg_ignore_index(info[3]),
+                                                                  arg_reduction(info[4]), info[5].ToBoolean()));
+  });
+}
+
+// linearDistillLoss(sh, sw, th, tw, targets | null, kind, beta, temperature, ignoreIndex, alpha, wantGrads)
+Napi::Value LinearDistillLoss(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    return linear_result_to_js(env, tk::ops::linear_distill(NativeTensor::From(info[0], "studentHidden"), NativeTensor::From(info[1], "studentWeight"),
+                                                            NativeTensor::From(info[2], "teacherHidden"), NativeTensor::From(info[3], "teacherWeight"),
+                                                            optional_tensor(info[4], "targets"), arg_distill(info[5], info[6], info[7], info[8]),
+                                                            arg_number(info[9], "alpha"), info[10].ToBoolean()));
+  });
+}
+
 // adamwStep(params, grads, m, v, { lr, beta1, beta2, eps, weightDecay, step, gradScale })
 Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -872,6 +907,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("scale", Napi::Function::New(env, Scale));
   exports.Set("sum", Napi::Function::New(env, Sum));
   exports.Set("dropout", Napi::Function::New(env, Dropout));
+  exports.Set("scaleByInplace", Napi::Function::New(env, ScaleByInplace));
   exports.Set("rmsNorm", Napi::Function::New(env, RmsNorm));
   exports.Set("swiglu", Napi::Function::New(env, Swiglu));
   exports.Set("embedding", Napi::Function::New(env, Embedding));
@@ -895,6 +931,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("sequenceLogprobsBackward", Napi::Function::New(env, SequenceLogprobsBackward));
   exports.Set("dpoLossBackward", Napi::Function::New(env, DpoLossBackward));
   exports.Set("distillLossBackward", Napi::Function::New(env, DistillLossBackward));
+  exports.Set("linearCrossEntropy", Napi::Function::New(env, LinearCrossEntropy));
+  exports.Set("linearDistillLoss", Napi::Function::New(env, LinearDistillLoss));
   exports.Set("adamwStep", Napi::Function::New(env, AdamwStep));
   exports.Set("clipGradNorm", Napi::Function::New(env, ClipGradNorm));
   exports.Set("nf4Quantize", Napi::Function::New(env, Nf4Quantize));

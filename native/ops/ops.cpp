@@ -370,6 +370,23 @@ TensorPtr scale(const Tensor& x, double alpha) {
   return out;
 }
 
+TensorPtr scale_by_inplace(const Tensor& x, const Tensor& s) {
+  const char* op = "scaleByInplace";
+  TK_CHECK(is_floating(x.dtype()), op, ": x ", x.describe(), " must be floating");
+  TK_CHECK(s.dtype() == DType::F32 && s.numel() == 1, op, ": the scale ", s.describe(), " must be one f32 value");
+  same_device(op, x, s);
+  TensorView xv = x.view();
+  const float* sp = static_cast<const float*>(s.storage()->ptr);
+  std::shared_ptr<Storage> keep = s.storage();  // the scale may be disposed before the kernel runs
+  launch(op, x.device(), {[=](ThreadPool& pool) {
+                            float value = *sp;
+                            (void)keep;
+                            scale_cpu(xv, value, xv, pool);
+                          },
+                          nullptr});
+  return reshape(x, x.shape());
+}
+
 TensorPtr dropout(const Tensor& x, double p, uint64_t seed) {
   TK_CHECK(is_floating(x.dtype()), "dropout: dtype ", dtype_name(x.dtype()), " is not a floating type; cast with t.to('f32')");
   TK_CHECK(p >= 0 && p < 1, "dropout: p must be in [0, 1), got ", p);
@@ -960,6 +977,86 @@ TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, cons
   TensorView yv = targets ? targets->view() : TensorView{};
   launch(op, student.device(), {[=](ThreadPool& pool) { distill_backward_cpu(sv, tv, yv, params, dv, gv, pool); }, nullptr});
   return dstudent;
+}
+
+namespace {
+
+// hidden [..., D] against weight [V, D]: returns the rows N.
+int64_t check_linear_head(const char* op, const char* hname, const Tensor& hidden, const char* wname, const Tensor& weight) {
+  same_device(op, hidden, weight);
+  same_dtype(op, hidden, weight);
+  check_float_storage(op, hname, hidden);
+  const auto &hs = hidden.shape(), &ws = weight.shape();
+  TK_CHECK(!hs.empty() && ws.size() == 2 && ws[1] == hs.back() && ws[0] > 0, op, ": ", wname, " ", weight.describe(),
+           " must be [V, ", hs.empty() ? 0 : hs.back(), "] to project ", hname, " ", hidden.describe());
+  return hidden.numel() / std::max<int64_t>(1, hs.back());
+}
+
+void check_row_targets(const char* op, const Tensor& hidden, const Tensor& targets) {
+  same_device(op, hidden, targets);
+  std::vector<int64_t> rows(hidden.shape().begin(), hidden.shape().end() - 1);
+  TK_CHECK(targets.dtype() == DType::I32 && targets.shape() == rows, op, ": targets ", targets.describe(),
+           " must be i32 ", shape_str(rows), " (hidden's shape without its last axis)");
+}
+
+}  // namespace
+
+LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                      int32_t ignore_index, LossReduction reduction, bool want_grads) {
+  const char* op = "linearCrossEntropy";
+  check_linear_head(op, "hidden", hidden, "weight", weight);
+  check_row_targets(op, hidden, targets);
+  TK_CHECK(reduction != LossReduction::None, op, ": reduction 'none' is not supported (per-row losses would need the rows' logits); use 'mean' or 'sum'");
+  LinearLossResult r;
+  const Device dev = hidden.device();
+  r.loss = empty({}, DType::F32, dev);
+  TensorPtr losses = empty(targets.shape(), DType::F32, dev);
+  if (want_grads) {
+    r.dhidden = empty(hidden.shape(), hidden.dtype(), dev);
+    r.dweight = empty(weight.shape(), weight.dtype(), dev);
+  }
+  LinearCrossEntropyParams p;
+  p.ignore_index = ignore_index;
+  p.reduction = reduction;
+  TensorView hv = hidden.view(), wv = weight.view(), tv = targets.view(), lv = r.loss->view(), sv = losses->view();
+  TensorView dhv = want_grads ? r.dhidden->view() : TensorView{}, dwv = want_grads ? r.dweight->view() : TensorView{};
+  launch(op, dev, {[=](ThreadPool& pool) { linear_cross_entropy_cpu(hv, wv, tv, p, lv, sv, dhv, dwv, pool); }, nullptr});
+  return r;
+}
+
+LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
+                                const Tensor& teacher_weight, const Tensor* targets, const DistillParams& params,
+                                double alpha, bool want_grads) {
+  const char* op = "linearDistillLoss";
+  const int64_t N = check_linear_head(op, "studentHidden", student_hidden, "studentWeight", student_weight);
+  const int64_t Nt = check_linear_head(op, "teacherHidden", teacher_hidden, "teacherWeight", teacher_weight);
+  same_device(op, student_hidden, teacher_hidden);
+  TK_CHECK(N == Nt, op, ": studentHidden ", student_hidden.describe(), " and teacherHidden ", teacher_hidden.describe(),
+           " must hold the same number of rows");
+  TK_CHECK(student_weight.shape()[0] == teacher_weight.shape()[0], op, ": the student's vocabulary (",
+           student_weight.shape()[0], ") differs from the teacher's (", teacher_weight.shape()[0],
+           "); token-level distillation needs one vocabulary");
+  TK_CHECK(std::isfinite(params.temperature) && params.temperature > 0, op, ": temperature must be a finite number > 0, got ",
+           params.temperature);
+  TK_CHECK(params.beta >= 0 && params.beta <= 1, op, ": beta must be in [0, 1], got ", params.beta);
+  TK_CHECK(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
+  TK_CHECK(alpha == 0 || targets, op, ": alpha > 0 mixes in cross entropy, which needs targets");
+  if (targets) check_row_targets(op, student_hidden, *targets);
+  LinearLossResult r;
+  const Device dev = student_hidden.device();
+  r.loss = empty({}, DType::F32, dev);
+  if (want_grads) {
+    r.dhidden = empty(student_hidden.shape(), student_hidden.dtype(), dev);
+    r.dweight = empty(student_weight.shape(), student_weight.dtype(), dev);
+  }
+  LinearDistillParams p;
+  p.distill = params;
+  p.alpha = float(alpha);
+  TensorView sh = student_hidden.view(), sw = student_weight.view(), th = teacher_hidden.view(), tw = teacher_weight.view();
+  TensorView yv = targets ? targets->view() : TensorView{}, lv = r.loss->view();
+  TensorView dhv = want_grads ? r.dhidden->view() : TensorView{}, dwv = want_grads ? r.dweight->view() : TensorView{};
+  launch(op, dev, {[=](ThreadPool& pool) { linear_distill_cpu(sh, sw, th, tw, yv, p, lv, TensorView{}, dhv, dwv, pool); }, nullptr});
+  return r;
 }
 
 void adamw_step(const std::vector<Tensor*>& params, const std::vector<const Tensor*>& grads,

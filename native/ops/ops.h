@@ -13,6 +13,7 @@
 #include "../core/tensor.h"
 #include "../cpu/distill.h"
 #include "../cpu/elementwise.h"
+#include "../cpu/linear_loss.h"
 #include "../cpu/loss.h"
 #include "../cpu/nf4.h"
 #include "../cpu/optim.h"
@@ -87,6 +88,9 @@ TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b);
 // Numpy broadcasting; operands share dtype and device.
 TensorPtr binary(BinaryOp op, const Tensor& a, const Tensor& b);
 TensorPtr scale(const Tensor& x, double alpha);
+// x *= s in place, s one f32 value known only on the queue (an upstream gradient); returns a new
+// handle on x's storage. Only for tensors nothing else reads (a backward rule's own saved result).
+TensorPtr scale_by_inplace(const Tensor& x, const Tensor& s);
 // Inverted dropout with drop probability p in [0, 1): the mask depends only on (seed, index).
 TensorPtr dropout(const Tensor& x, double p, uint64_t seed);
 // Sum over `axes` (negative counts from the end; empty = all axes).
@@ -181,6 +185,21 @@ Grads2 dpo_loss_backward(const Tensor& dloss, const Tensor& policy_chosen, const
 // dloss: f32 [] -> dstudent (student's dtype).
 TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, const Tensor& teacher, const Tensor* targets,
                                 const DistillParams& params);
+
+// Fused linear losses (never all [N, V] logits). With want_grads the gradients of the loss (for an
+// upstream gradient of 1) come back too, computed in the same pass; the autograd rule scales them.
+struct LinearLossResult {
+  TensorPtr loss, dhidden, dweight;  // dhidden / dweight null without want_grads
+};
+// hidden [..., D], weight [V, D] (one dtype), targets [...] i32 -> loss [] f32 (mean or sum).
+LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                      int32_t ignore_index, LossReduction reduction, bool want_grads);
+// alpha * CE(student) + (1 - alpha) * distill(student, teacher) with the student's logits
+// hidden [..., Ds] x weight [V, Ds]^T and the teacher's [..., Dt] x [V, Dt]^T; targets optional
+// (needed when alpha > 0) -> loss [] f32; gradients for the student's hidden and weight.
+LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
+                                const Tensor& teacher_weight, const Tensor* targets, const DistillParams& params,
+                                double alpha, bool want_grads);
 
 // One AdamW step over many parameters, in place, on the device queue: params (f32|bf16), grads
 // (f32|bf16, same shapes), moments m and v (f32, same shapes). lr and the rest as AdamWParams.
