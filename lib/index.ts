@@ -38,3 +38,4 @@ export { createModel, loadModel, ModelLoadError, readConfig, saveModel, type Loa
 export { AdapterError, applyLora, loadAdapter, loraState, mergeLora, saveAdapter, type LoraOptions, type LoraState } from './models/lora.js';
 export * as nn from './nn/index.js';
 export * as io from './io/index.js';
+export * as synthetic from './data/synthetic/index.js';
