@@ -24,6 +24,7 @@
         "native/cpu/norm.cpp",
         "native/cpu/optim.cpp",
         "native/cpu/probe.cpp",
+        "native/cpu/qlora.cpp",
         "native/cpu/rope.cpp",
         "native/ops/ops.cpp",
         "native/addon/addon.cpp"

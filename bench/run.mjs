@@ -10,6 +10,7 @@ import { benchGemm } from './gemm.mjs';
 import { benchLinearLoss } from './linear-loss.mjs';
 import { benchLoadMemory } from './load-memory.mjs';
 import { benchOps } from './ops.mjs';
+import { benchQlora } from './qlora.mjs';
 
 const quick = process.argv.includes('--quick');
 const info = tk.info();
@@ -24,5 +25,6 @@ console.log(`peak probe: fp32 FMA ${peak.fp32Gflops.toFixed(0)} GFLOP/s` +
 await benchGemm({ peak, quick });
 await benchOps({ peak, quick });
 await benchAttention({ peak, quick });
+await benchQlora({ quick });
 benchLinearLoss({ quick });
 if (!quick) await benchLoadMemory();

@@ -67,6 +67,17 @@ export interface NativeRopeScaling {
   truncate?: boolean;
 }
 
+export interface NativeNf4Ref {
+  packed: NativeTensor;
+  absmax: NativeTensor;
+  scale2?: NativeTensor;
+  offset?: NativeTensor;
+  out: number;
+  in: number;
+  blockSize: number;
+  doubleQuant: boolean;
+}
+
 export interface NativeBinding {
   NativeTensor: abstract new (...args: never[]) => NativeTensor;
   fromHost(data: ArrayBufferView | ArrayBuffer, shape: number[], dtype: DType, device: string): NativeTensor;
@@ -109,6 +120,8 @@ export interface NativeBinding {
   distillLossBackward(dloss: NativeTensor, student: NativeTensor, teacher: NativeTensor, targets: NativeTensor | null, kind: string, beta: number, temperature: number, ignoreIndex: number): NativeTensor;
   linearCrossEntropy(hidden: NativeTensor, weight: NativeTensor, targets: NativeTensor, ignoreIndex: number, reduction: 'mean' | 'sum', wantGrads: boolean): { loss: NativeTensor; dhidden?: NativeTensor; dweight?: NativeTensor };
   linearDistillLoss(sh: NativeTensor, sw: NativeTensor, th: NativeTensor, tw: NativeTensor, targets: NativeTensor | null, kind: string, beta: number, temperature: number, ignoreIndex: number, alpha: number, wantGrads: boolean): { loss: NativeTensor; dhidden?: NativeTensor; dweight?: NativeTensor };
+  qloraLinear(x: NativeTensor, w: NativeNf4Ref, a: NativeTensor, b: NativeTensor, scale: number, dropout: number, seed: number): { y: NativeTensor; xa: NativeTensor };
+  qloraLinearBackward(dy: NativeTensor, x: NativeTensor, w: NativeNf4Ref, a: NativeTensor, b: NativeTensor, xa: NativeTensor, scale: number, dropout: number, seed: number, wantDx: boolean): { dx?: NativeTensor; dA: NativeTensor; dB: NativeTensor };
   adamwStep(params: NativeTensor[], grads: NativeTensor[], m: NativeTensor[], v: NativeTensor[], hp: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale: number }): void;
   clipGradNorm(grads: NativeTensor[], maxNorm: number): NativeTensor;
   nf4Quantize(w: NativeTensor, blockSize: number, doubleQuant: boolean): { packed: NativeTensor; absmax: NativeTensor; scale2?: NativeTensor; offset?: NativeTensor };

@@ -4,6 +4,7 @@ import { dequantize, type Nf4Weight } from '../nf4.js';
 import { add, dropout, scale } from '../ops/elementwise.js';
 import { matmul } from '../ops/matmul.js';
 import { embedding, rmsNorm } from '../ops/norm.js';
+import { qloraLinear } from '../ops/qlora.js';
 import { ones, randn, zeros, type DType, type Tensor } from '../tensor.js';
 import { Module, owned } from './module.js';
 
@@ -100,12 +101,18 @@ export class Linear extends Module {
   /** x [..., in] -> [..., out]. */
   forward(x: Tensor): Tensor {
     const p = this.training ? this.loraDropout : 0;
-    const w = this.quantized ? dequantize(this.quantized, { dtype: x.dtype }) : this.weight;
-    let y = matmul(x, w, { transB: true });
-    if (this.quantized) w.dispose();  // queued after the product that reads it
-    if (this.hasLora) {
-      const h = matmul(p > 0 ? dropout(x, { p }) : x, this.loraA, { transB: true });
-      y = add(y, scale(matmul(h, this.loraB, { transB: true }), this.loraScale));
+    let y: Tensor;
+    if (this.quantized && this.hasLora) {
+      // QLoRA: the NF4 weight is dequantized inside the GEMM, forward and backward.
+      y = qloraLinear(x, this.quantized, this.loraA, this.loraB, { scale: this.loraScale, dropout: p });
+    } else {
+      const w = this.quantized ? dequantize(this.quantized, { dtype: x.dtype }) : this.weight;
+      y = matmul(x, w, { transB: true });
+      if (this.quantized) w.dispose();  // queued after the product that reads it
+      if (this.hasLora) {
+        const h = matmul(p > 0 ? dropout(x, { p }) : x, this.loraA, { transB: true });
+        y = add(y, scale(matmul(h, this.loraB, { transB: true }), this.loraScale));
+      }
     }
     const b = this.bias;
     return b ? add(y, b) : y;

@@ -19,3 +19,4 @@ export { embedding, rmsNorm, swiglu, type RmsNormOptions } from './norm.js';
 export { broadcastTo, sum, type SumOptions } from './reduce.js';
 export { rope, type RopeOptions, type RopeScaling } from './rope.js';
 export { cast, concat, narrow, permute, reshape, transpose } from './shape.js';
+export { qloraLinear, type QloraLinearOptions } from './qlora.js';

@@ -701,6 +701,53 @@ Napi::Value LinearDistillLoss(const Napi::CallbackInfo& info) {
   });
 }
 
+// nf4: { packed, absmax, scale2?, offset?, out, in, blockSize, doubleQuant }
+tk::ops::Nf4WeightRef arg_nf4(const Napi::Value& v) {
+  if (!v.IsObject()) tk::fail("qloraLinear: the NF4 weight must be an object");
+  Napi::Object o = v.As<Napi::Object>();
+  tk::ops::Nf4WeightRef w;
+  w.double_quant = o.Get("doubleQuant").ToBoolean();
+  w.packed = &NativeTensor::From(o.Get("packed"), "packed");
+  w.absmax = &NativeTensor::From(o.Get("absmax"), "absmax");
+  w.scale2 = w.double_quant ? &NativeTensor::From(o.Get("scale2"), "scale2") : nullptr;
+  w.offset = w.double_quant ? &NativeTensor::From(o.Get("offset"), "offset") : nullptr;
+  w.out = arg_int(o.Get("out"), "out");
+  w.in = arg_int(o.Get("in"), "in");
+  w.block_size = arg_int(o.Get("blockSize"), "blockSize");
+  return w;
+}
+
+uint64_t arg_seed(const Napi::Value& v) {
+  int64_t seed = arg_int(v, "seed");
+  if (seed < 0) tk::fail("seed must be a non-negative integer, got ", seed);
+  return uint64_t(seed);
+}
+
+Napi::Value QloraLinear(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto r = tk::ops::qlora_linear(NativeTensor::From(info[0], "x"), arg_nf4(info[1]), NativeTensor::From(info[2], "loraA"),
+                                   NativeTensor::From(info[3], "loraB"), arg_number(info[4], "scale"),
+                                   arg_number(info[5], "dropout"), arg_seed(info[6]));
+    return pair_to_js(env, "y", std::move(r.y), "xa", std::move(r.xa));
+  });
+}
+
+Napi::Value QloraLinearBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto g = tk::ops::qlora_linear_backward(NativeTensor::From(info[0], "dy"), NativeTensor::From(info[1], "x"), arg_nf4(info[2]),
+                                            NativeTensor::From(info[3], "loraA"), NativeTensor::From(info[4], "loraB"),
+                                            NativeTensor::From(info[5], "xa"), arg_number(info[6], "scale"),
+                                            arg_number(info[7], "dropout"), arg_seed(info[8]), info[9].ToBoolean());
+    Napi::Object out = Napi::Object::New(env);
+    if (g.a) out.Set("dx", NativeTensor::Wrap(env, std::move(g.a)));
+    out.Set("dA", NativeTensor::Wrap(env, std::move(g.b)));
+    out.Set("dB", NativeTensor::Wrap(env, std::move(g.c)));
+    return out;
+  });
+}
+
 // adamwStep(params, grads, m, v, { lr, beta1, beta2, eps, weightDecay, step, gradScale })
 Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -933,6 +980,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("distillLossBackward", Napi::Function::New(env, DistillLossBackward));
   exports.Set("linearCrossEntropy", Napi::Function::New(env, LinearCrossEntropy));
   exports.Set("linearDistillLoss", Napi::Function::New(env, LinearDistillLoss));
+  exports.Set("qloraLinear", Napi::Function::New(env, QloraLinear));
+  exports.Set("qloraLinearBackward", Napi::Function::New(env, QloraLinearBackward));
   exports.Set("adamwStep", Napi::Function::New(env, AdamwStep));
   exports.Set("clipGradNorm", Napi::Function::New(env, ClipGradNorm));
   exports.Set("nf4Quantize", Napi::Function::New(env, Nf4Quantize));

@@ -26,6 +26,9 @@
 // would be rounded once per K block, so bf16 output accumulates in fp32 -- a small per-thread slab
 // when K is one block, else a buffer spanning the rows of a pass, whose height the buffer budget
 // bounds (row super-blocks, each a complete GEMM) -- and is rounded once, slab by slab, at the end.
+//
+// A GemmBSource (gemm.h) replaces only the B packing call: its panels are what the generic packer
+// would write for the dense op(B), so blocking, threading and kernels are the same either way.
 #include "gemm.h"
 
 #include <algorithm>
@@ -288,6 +291,7 @@ struct Counters {
 // One matrix of the batch, as the blocked loops see it.
 struct Operands {
   PanelSrc a, b;  // a: (w = row i, k); b: (w = column j, k)
+  const GemmBSource* bsrc;  // when set, packs B instead of b
   void* c;
 };
 
@@ -295,6 +299,7 @@ struct Operands {
 struct Plan {
   const GemmParams* p = nullptr;
   const KernelSet* ks = nullptr;
+  CpuIsa isa = CpuIsa::Portable;  // the level the kernels run at (passed to a B source)
   int64_t kc = 0, mc = 0, nc = 0;
   int64_t rows_per_pass = 0;  // row super-block height (M unless bf16 output needs the fp32 buffer)
   int nt = 1;
@@ -313,10 +318,11 @@ Operands operands(const GemmParams& p, int64_t b) {
   const size_t esz = dtype_size(p.ab_dtype), csz = dtype_size(p.c_dtype);
   Operands o;
   const char* A = static_cast<const char*>(p.A) + size_t(b * p.batch_stride_a) * esz;
-  const char* B = static_cast<const char*>(p.B) + size_t(b * p.batch_stride_b) * esz;
+  const char* B = p.b_source ? nullptr : static_cast<const char*>(p.B) + size_t(b * p.batch_stride_b) * esz;
   // op(A)(i, k): A[i * lda + k], or A[k * lda + i] when transposed; op(B)(k, j) likewise.
   o.a = PanelSrc{A, p.ab_dtype, p.trans_a ? 1 : p.lda, p.trans_a ? p.lda : 1};
   o.b = PanelSrc{B, p.ab_dtype, p.trans_b ? p.ldb : 1, p.trans_b ? 1 : p.ldb};
+  o.bsrc = p.b_source;
   o.c = static_cast<char*>(p.C) + size_t(b * p.batch_stride_c) * csz;
   return o;
 }
@@ -380,7 +386,13 @@ void run_blocked(const Plan& pl, const Operands& op, int tid, int slot, int64_t&
         // share, so it rewrites buffer lines it wrote last time rather than the other core's --
         // and every thread waits for the whole block. Private: each thread packs all of it.
         const int64_t q0 = pl.private_b ? 0 : nbp * tid / pl.nt, q1 = pl.private_b ? nbp : nbp * (tid + 1) / pl.nt;
-        if (q1 > q0) ks.pack(op.b, jc + q0 * NR, std::min(ncur, q1 * NR) - q0 * NR, pc, kcur, NR, bbuf + q0 * bpanel);
+        if (q1 > q0) {
+          const int64_t w0 = jc + q0 * NR, width = std::min(ncur, q1 * NR) - q0 * NR;
+          if (op.bsrc)
+            op.bsrc->pack(op.bsrc->ctx, ks.fmt, pl.isa, w0, width, pc, kcur, NR, bbuf + q0 * bpanel);
+          else
+            ks.pack(op.b, w0, width, pc, kcur, NR, bbuf + q0 * bpanel);
+        }
         if (pl.nt > 1 && !pl.private_b) {
           // Everyone is past the previous step's work, so the other parity's counter is free.
           pl.barrier->wait([&] { pl.counters->work[par ^ 1].store(0, std::memory_order_relaxed); });
@@ -461,19 +473,22 @@ inline void store_c(void* c, DType t, int64_t idx, float v, float beta) {
   }
 }
 
-// Tiny products (and K == 0): a dot product per element of C, fp32 accumulation.
-void run_direct(const GemmParams& p, int64_t b) {
+// Tiny products (and K == 0): a dot product per element of C, fp32 accumulation. A B source has
+// op(B) unpacked to the dense fp32 K x N array b_dense (row stride N) by the caller.
+void run_direct(const GemmParams& p, int64_t b, const float* b_dense) {
   const size_t esz = dtype_size(p.ab_dtype), csz = dtype_size(p.c_dtype);
   const void* A = static_cast<const char*>(p.A) + size_t(b * p.batch_stride_a) * esz;
-  const void* B = static_cast<const char*>(p.B) + size_t(b * p.batch_stride_b) * esz;
+  const void* B = b_dense ? static_cast<const void*>(b_dense)
+                          : static_cast<const char*>(p.B) + size_t(b * p.batch_stride_b) * esz;
+  const DType bt = b_dense ? DType::F32 : p.ab_dtype;
   void* C = static_cast<char*>(p.C) + size_t(b * p.batch_stride_c) * csz;
   const int64_t ais = p.trans_a ? 1 : p.lda, aks = p.trans_a ? p.lda : 1;
-  const int64_t bks = p.trans_b ? 1 : p.ldb, bjs = p.trans_b ? p.ldb : 1;
+  const int64_t bks = b_dense ? p.N : p.trans_b ? 1 : p.ldb, bjs = b_dense ? 1 : p.trans_b ? p.ldb : 1;
   for (int64_t i = 0; i < p.M; ++i)
     for (int64_t j = 0; j < p.N; ++j) {
       float s = 0.0f;
       for (int64_t k = 0; k < p.K; ++k)
-        s += load_ab(A, p.ab_dtype, i * ais + k * aks) * load_ab(B, p.ab_dtype, k * bks + j * bjs);
+        s += load_ab(A, p.ab_dtype, i * ais + k * aks) * load_ab(B, bt, k * bks + j * bjs);
       store_c(C, p.c_dtype, i * p.ldc + j, p.alpha * s, p.beta);
     }
 }
@@ -483,7 +498,13 @@ void run_direct(const GemmParams& p, int64_t b) {
 void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
   if (p.batch <= 0 || p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0 || p.M * p.N * p.K <= kTinyMacs) {
-    for (int64_t b = 0; b < p.batch; ++b) run_direct(p, b);
+    // A B source unpacks op(B) (at most kTinyMacs elements) once for the whole batch.
+    std::vector<float> b_dense;
+    if (p.b_source && p.K > 0) {
+      b_dense.resize(size_t(p.K * p.N));
+      p.b_source->pack(p.b_source->ctx, PackFmt::F32, isa, 0, p.N, 0, p.K, int(p.N), b_dense.data());
+    }
+    for (int64_t b = 0; b < p.batch; ++b) run_direct(p, b, p.b_source ? b_dense.data() : nullptr);
     return;
   }
   const KernelSet& ks = pick_kernels(isa, p.ab_dtype);
@@ -494,6 +515,7 @@ void gemm_impl(const GemmParams& p, ThreadPool& pool, CpuIsa isa) {
   Plan pl;
   pl.p = &p;
   pl.ks = &ks;
+  pl.isa = isa;
   pl.c_bf16 = p.c_dtype == DType::BF16;
   int64_t kc = ks.kc, nc = ks.nc;
   pl.mc = ks.mc;

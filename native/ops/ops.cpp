@@ -1059,6 +1059,104 @@ LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& stud
   return r;
 }
 
+namespace {
+
+QloraWeight check_qlora(const char* op, const Tensor& x, const Nf4WeightRef& w, const Tensor& a, const Tensor& b,
+                        double scale, double dropout) {
+  check_float_storage(op, "x", x);
+  same_device(op, x, a);
+  same_device(op, x, b);
+  same_device(op, x, *w.packed);
+  same_dtype(op, x, a);
+  same_dtype(op, x, b);
+  const auto& xs = x.shape();
+  TK_CHECK(!xs.empty() && xs.back() == w.in, op, ": x ", x.describe(), " must end in W's input size ", w.in,
+           " (W is [", w.out, ", ", w.in, "])");
+  TK_CHECK(a.shape().size() == 2 && a.shape()[1] == w.in && a.shape()[0] >= 1, op, ": loraA ", a.describe(), " must be [r, ",
+           w.in, "]");
+  const int64_t r = a.shape()[0];
+  TK_CHECK(b.shape() == std::vector<int64_t>({w.out, r}), op, ": loraB ", b.describe(), " must be [", w.out, ", ", r, "]");
+  TK_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TK_CHECK(dropout >= 0 && dropout < 1, op, ": dropout must be in [0, 1), got ", dropout);
+  Nf4Layout L = nf4_layout(w.out * w.in, w.block_size, w.double_quant);
+  auto expect = [&](const Tensor* t, const char* name, DType dt, int64_t count) {
+    TK_CHECK(t && t->dtype() == dt && t->numel() == count && t->device() == x.device(), op, ": NF4 ", name, " ",
+             t ? t->describe() : std::string("(missing)"), " does not fit a [", w.out, ", ", w.in, "] weight: expected ",
+             count, " ", dtype_name(dt));
+  };
+  expect(w.packed, "packed", DType::U8, L.packed_bytes);
+  expect(w.absmax, "absmax", w.double_quant ? DType::U8 : DType::F32, L.nblocks);
+  if (w.double_quant) {
+    expect(w.scale2, "scale2", DType::F32, L.nblocks2);
+    expect(w.offset, "offset", DType::F32, 1);
+  }
+  QloraWeight q;
+  q.layout = L;
+  q.out = w.out;
+  q.in = w.in;
+  q.q.packed = static_cast<const uint8_t*>(w.packed->storage()->ptr);
+  if (w.double_quant) {
+    q.q.qabsmax = static_cast<const uint8_t*>(w.absmax->storage()->ptr);
+    q.q.scale2 = static_cast<const float*>(w.scale2->storage()->ptr);
+    q.q.offset = static_cast<const float*>(w.offset->storage()->ptr);
+  } else {
+    q.q.absmax = static_cast<const float*>(w.absmax->storage()->ptr);
+  }
+  return q;
+}
+
+}  // namespace
+
+QloraSaved qlora_linear(const Tensor& x, const Nf4WeightRef& w, const Tensor& a, const Tensor& b, double scale,
+                        double dropout, uint64_t seed) {
+  const char* op = "qloraLinear";
+  QloraWeight q = check_qlora(op, x, w, a, b, scale, dropout);
+  std::vector<int64_t> y_shape = x.shape(), xa_shape = x.shape();
+  y_shape.back() = w.out;
+  xa_shape.back() = a.shape()[0];
+  QloraSaved r;
+  r.y = empty(y_shape, x.dtype(), x.device());
+  r.xa = empty(xa_shape, DType::F32, x.device());
+  QloraOptions opt{float(scale), float(dropout), seed};
+  TensorView xv = x.view(), av = a.view(), bv = b.view(), yv = r.y->view(), xav = r.xa->view();
+  // The NF4 buffers must outlive the kernel even if the weight is disposed meanwhile.
+  std::vector<std::shared_ptr<Storage>> keep{w.packed->storage(), w.absmax->storage()};
+  if (w.double_quant) keep.insert(keep.end(), {w.scale2->storage(), w.offset->storage()});
+  launch(op, x.device(), {[=](ThreadPool& pool) {
+                            (void)keep;
+                            qlora_forward_cpu(xv, q, av, bv, opt, yv, xav, pool);
+                          },
+                          nullptr});
+  return r;
+}
+
+Grads3 qlora_linear_backward(const Tensor& dy, const Tensor& x, const Nf4WeightRef& w, const Tensor& a, const Tensor& b,
+                             const Tensor& xa, double scale, double dropout, uint64_t seed, bool want_dx) {
+  const char* op = "qloraLinear (backward)";
+  QloraWeight q = check_qlora(op, x, w, a, b, scale, dropout);
+  std::vector<int64_t> y_shape = x.shape(), xa_shape = x.shape();
+  y_shape.back() = w.out;
+  xa_shape.back() = a.shape()[0];
+  TK_CHECK(dy.shape() == y_shape && dy.dtype() == x.dtype(), op, ": dy ", dy.describe(), " must be ", shape_str(y_shape), " ",
+           dtype_name(x.dtype()));
+  TK_CHECK(xa.shape() == xa_shape && xa.dtype() == DType::F32, op, ": xa ", xa.describe(), " must be f32 ", shape_str(xa_shape));
+  Grads3 g;
+  if (want_dx) g.a = empty(x.shape(), x.dtype(), x.device());
+  g.b = empty(a.shape(), a.dtype(), a.device());
+  g.c = empty(b.shape(), b.dtype(), b.device());
+  QloraOptions opt{float(scale), float(dropout), seed};
+  TensorView dyv = dy.view(), xv = x.view(), av = a.view(), bv = b.view(), xav = xa.view();
+  TensorView dxv = want_dx ? g.a->view() : TensorView{}, dav = g.b->view(), dbv = g.c->view();
+  std::vector<std::shared_ptr<Storage>> keep{w.packed->storage(), w.absmax->storage()};
+  if (w.double_quant) keep.insert(keep.end(), {w.scale2->storage(), w.offset->storage()});
+  launch(op, x.device(), {[=](ThreadPool& pool) {
+                            (void)keep;
+                            qlora_backward_cpu(dyv, xv, q, av, bv, xav, opt, dxv, dav, dbv, pool);
+                          },
+                          nullptr});
+  return g;
+}
+
 void adamw_step(const std::vector<Tensor*>& params, const std::vector<const Tensor*>& grads,
                 const std::vector<Tensor*>& m, const std::vector<Tensor*>& v, const AdamWParams& hp) {
   const char* op = "adamw";

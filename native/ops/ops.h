@@ -17,6 +17,7 @@
 #include "../cpu/loss.h"
 #include "../cpu/nf4.h"
 #include "../cpu/optim.h"
+#include "../cpu/qlora.h"
 #include "../cpu/rope.h"
 
 namespace tk {
@@ -200,6 +201,26 @@ LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight
 LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
                                 const Tensor& teacher_weight, const Tensor* targets, const DistillParams& params,
                                 double alpha, bool want_grads);
+
+// A frozen NF4 weight [out, in] as the op table sees it (the tensors of tk.nf4.quantize).
+struct Nf4WeightRef {
+  const Tensor* packed;
+  const Tensor* absmax;
+  const Tensor* scale2;  // double quantization only
+  const Tensor* offset;  // double quantization only
+  int64_t out, in, block_size;
+  bool double_quant;
+};
+struct QloraSaved {
+  TensorPtr y, xa;  // xa: f32 [..., r] = drop(x) A^T, what the backward pass reads
+};
+// y = x deq(W)^T + scale (drop(x) A^T) B^T, with W dequantized inside the GEMM. x [..., in] f32 or
+// bf16; A [r, in], B [out, r] in x's dtype; dropout p in [0, 1) with its seed.
+QloraSaved qlora_linear(const Tensor& x, const Nf4WeightRef& w, const Tensor& a, const Tensor& b, double scale,
+                        double dropout, uint64_t seed);
+// -> dx (null unless want_dx), dA, dB.
+Grads3 qlora_linear_backward(const Tensor& dy, const Tensor& x, const Nf4WeightRef& w, const Tensor& a, const Tensor& b,
+                             const Tensor& xa, double scale, double dropout, uint64_t seed, bool want_dx);
 
 // One AdamW step over many parameters, in place, on the device queue: params (f32|bf16), grads
 // (f32|bf16, same shapes), moments m and v (f32, same shapes). lr and the rest as AdamWParams.
