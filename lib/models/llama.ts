@@ -8,12 +8,13 @@
 // so no transposes are needed; qwen3 normalizes q and k per head (q_norm, k_norm) before RoPE.
 import { checkpoint } from '../autograd.js';
 import { Embedding, Linear, RMSNorm, type InitOptions } from '../nn/layers.js';
-import { Module, ModuleList } from '../nn/module.js';
+import { Module, ModuleList, owned } from '../nn/module.js';
 import { attention } from '../ops/attention.js';
 import { add } from '../ops/elementwise.js';
 import { matmul } from '../ops/matmul.js';
 import { swiglu } from '../ops/norm.js';
 import { rope } from '../ops/rope.js';
+import { concat } from '../ops/shape.js';
 import type { Tensor } from '../tensor.js';
 import type { ModelConfig } from './config.js';
 
@@ -24,6 +25,51 @@ export interface ForwardOptions {
   segmentIds?: Tensor;
   /** Recompute each decoder layer during backward instead of keeping its activations. */
   checkpointLayers?: boolean;
+  /**
+   * Keys and values of earlier tokens (generation): this call's keys and values are appended to
+   * it, and its queries attend to all of them. With segmentIds, keySegmentIds [B, S] must give the
+   * ids of every cached key plus this call's.
+   */
+  cache?: KvCache;
+  keySegmentIds?: Tensor;
+}
+
+/** Per-layer keys and values [B, S, Hkv, hd] of the tokens seen so far. Owns its tensors. */
+export class KvCache {
+  readonly layers: { k: Tensor | null; v: Tensor | null }[];
+
+  constructor(numLayers: number) {
+    this.layers = Array.from({ length: numLayers }, () => ({ k: null, v: null }));
+  }
+
+  /** Tokens cached so far. */
+  get length(): number {
+    return this.layers[0]?.k?.shape[1] ?? 0;
+  }
+
+  /** Appends along the sequence axis and returns the whole keys and values. */
+  append(layer: number, k: Tensor, v: Tensor): { k: Tensor; v: Tensor } {
+    const slot = this.layers[layer]!;
+    const nk = owned(() => (slot.k ? concat([slot.k, k], 1) : k.reshape([...k.shape])));
+    const nv = owned(() => (slot.v ? concat([slot.v, v], 1) : v.reshape([...v.shape])));
+    slot.k?.dispose();
+    slot.v?.dispose();
+    slot.k = nk;
+    slot.v = nv;
+    return { k: nk, v: nv };
+  }
+
+  dispose(): void {
+    for (const slot of this.layers) {
+      slot.k?.dispose();
+      slot.v?.dispose();
+      slot.k = slot.v = null;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
 }
 
 export class Attention extends Module {
@@ -46,7 +92,7 @@ export class Attention extends Module {
   }
 
   /** x [B, T, D] -> [B, T, D]. */
-  forward(x: Tensor, options: ForwardOptions = {}): Tensor {
+  forward(x: Tensor, options: ForwardOptions = {}, layerIndex = 0): Tensor {
     const { numHeads: h, numKvHeads: kv, headDim: hd, ropeTheta, ropeScaling, maxPositionEmbeddings } = this.config;
     const [B, T] = x.shape as [number, number, number];
     let q = this.qProj.forward(x).reshape([B, T, h, hd]);
@@ -59,7 +105,8 @@ export class Attention extends Module {
     const ropeOptions = { theta: ropeTheta, positions: options.positions, maxPositionEmbeddings, ...(ropeScaling ? { scaling: ropeScaling } : {}) };
     q = rope(q, ropeOptions);
     k = rope(k, ropeOptions);
-    const o = attention(q, k, v, { causal: true, segmentIds: options.segmentIds });
+    const keys = options.cache ? options.cache.append(layerIndex, k, v) : { k, v };
+    const o = attention(q, keys.k, keys.v, { causal: true, segmentIds: options.segmentIds, keySegmentIds: options.keySegmentIds });
     return this.oProj.forward(o.reshape([B, T, h * hd]));
   }
 }
@@ -95,8 +142,8 @@ export class DecoderLayer extends Module {
     this.postAttentionLayernorm = this.addModule('post_attention_layernorm', new RMSNorm(config.hiddenSize, config.rmsNormEps, init));
   }
 
-  forward(h: Tensor, options: ForwardOptions = {}): Tensor {
-    const a = add(h, this.selfAttn.forward(this.inputLayernorm.forward(h), options));
+  forward(h: Tensor, options: ForwardOptions = {}, layerIndex = 0): Tensor {
+    const a = add(h, this.selfAttn.forward(this.inputLayernorm.forward(h), options, layerIndex));
     return add(a, this.mlp.forward(this.postAttentionLayernorm.forward(a)));
   }
 }
@@ -136,16 +183,26 @@ export class CausalLM extends Module {
   hidden(ids: Tensor, options: ForwardOptions = {}): Tensor {
     if (ids.shape.length !== 2 || ids.dtype !== 'i32') throw new TypeError(`forward: ids must be i32 [B, T], got ${ids.toString()}`);
     let h = this.model.embedTokens.forward(ids);
-    for (const layer of this.model.layers) {
-      h = options.checkpointLayers ? checkpoint((x) => layer.forward(x, options), h) : layer.forward(h, options);
-    }
+    if (options.cache && options.checkpointLayers) throw new TypeError('forward: checkpointLayers is for training; it cannot be combined with a KV cache');
+    this.model.layers.forEach((layer, i) => {
+      h = options.checkpointLayers ? checkpoint((x) => layer.forward(x, options, i), h) : layer.forward(h, options, i);
+    });
     return this.model.norm.forward(h);
   }
 
   /** Logits [B, T, V] for ids [B, T] i32. */
   forward(ids: Tensor, options: ForwardOptions = {}): Tensor {
-    const h = this.hidden(ids, options);
+    return this.logits(this.hidden(ids, options));
+  }
+
+  /** The LM head on hidden states [..., D] -> logits [..., V]. */
+  logits(h: Tensor): Tensor {
     return this.lmHead ? this.lmHead.forward(h) : matmul(h, this.model.embedTokens.weight, { transB: true });
+  }
+
+  /** An empty KV cache for generation. */
+  newCache(): KvCache {
+    return new KvCache(this.config.numLayers);
   }
 
   /** Every Linear of the decoder layers by dotted name (LoRA and NF4 targets; lm_head excluded). */
