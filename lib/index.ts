@@ -39,3 +39,5 @@ export { AdapterError, applyLora, loadAdapter, loraState, mergeLora, saveAdapter
 export * as nn from './nn/index.js';
 export * as io from './io/index.js';
 export * as synthetic from './data/synthetic/index.js';
+export { generate, generateTokens, GenerateError, type GenerateOptions, type SamplingOptions } from './generate/index.js';
+export { KvCache } from './models/llama.js';
