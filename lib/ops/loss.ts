@@ -158,20 +158,25 @@ export function linearCrossEntropy(hidden: Tensor, weight: Tensor, targets: Tens
   const reduction = options.reduction ?? 'mean';
   if (reduction !== 'mean' && reduction !== 'sum') throw new TypeError(`${op}: reduction must be 'mean' or 'sum', got ${String(reduction)}`);
   const ignoreIndex = checkIgnoreIndex(op, options.ignoreIndex ?? -100);
-  const grads = needsGrad(hidden, weight);
-  const r = native().linearCrossEntropy(hh, hw, ht, ignoreIndex, reduction, grads);
+  const r = native().linearCrossEntropy(hh, hw, ht, ignoreIndex, reduction, needsGrad(hidden), needsGrad(weight));
   return withSavedGrads(op, Tensor.fromNative(r.loss), [hidden, weight], r);
 }
 
-function withSavedGrads(op: string, loss: Tensor, inputs: Tensor[], r: { dhidden?: NativeTensor; dweight?: NativeTensor }): Tensor {
-  if (!r.dhidden || !r.dweight) return loss;
-  const dh = Tensor.fromNative(r.dhidden);
-  const dw = Tensor.fromNative(r.dweight);
+function withSavedGrads(op: string, loss: Tensor, inputs: [Tensor, Tensor], r: { dhidden?: NativeTensor; dweight?: NativeTensor }): Tensor {
+  if (!r.dhidden && !r.dweight) return loss;
+  const dh = r.dhidden ? Tensor.fromNative(r.dhidden) : null;
+  const dw = r.dweight ? Tensor.fromNative(r.dweight) : null;
   try {
-    return record(loss, op, inputs, [dh, dw], (g, [sh, sw], needs) => [needs[0] ? scaleSaved(sh, g) : null, needs[1] ? scaleSaved(sw, g) : null]);
+    // Record only the inputs whose gradient was computed (the others need none).
+    return record(loss, op, [dh ? inputs[0] : null, dw ? inputs[1] : null], [dh, dw].filter((t): t is Tensor => t !== null), (g, saved) => {
+      let k = 0;
+      const gh = dh ? scaleSaved(saved[k++], g) : null;
+      const gw = dw ? scaleSaved(saved[k++], g) : null;
+      return [gh, gw];
+    });
   } finally {
-    dh.dispose();
-    dw.dispose();
+    dh?.dispose();
+    dw?.dispose();
   }
 }
 
@@ -200,7 +205,6 @@ export function linearDistillLoss(studentHidden: Tensor, studentWeight: Tensor, 
   const targets = options.targets === undefined ? null : checkTensor(options.targets, op, 'targets');
   if (alpha > 0 && !targets) throw new TypeError(`${op}: alpha > 0 mixes in cross entropy, which needs targets`);
   const ignoreIndex = checkIgnoreIndex(op, options.ignoreIndex ?? -100);
-  const grads = needsGrad(studentHidden, studentWeight);
-  const r = native().linearDistillLoss(h[0], h[1], h[2], h[3], targets, kind, beta, temperature, ignoreIndex, alpha, grads);
+  const r = native().linearDistillLoss(h[0], h[1], h[2], h[3], targets, kind, beta, temperature, ignoreIndex, alpha, needsGrad(studentHidden), needsGrad(studentWeight));
   return withSavedGrads(op, Tensor.fromNative(r.loss), [studentHidden, studentWeight], r);
 }

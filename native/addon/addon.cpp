@@ -686,18 +686,18 @@ Napi::Value LinearCrossEntropy(const Napi::CallbackInfo& info) {
   return guarded(env, [&] {
     return linear_result_to_js(env, tk::ops::linear_cross_entropy(NativeTensor::From(info[0], "hidden"), NativeTensor::From(info[1], "weight"),
                                                                   NativeTensor::From(info[2], "targets"), arg_ignore_index(info[3]),
-                                                                  arg_reduction(info[4]), info[5].ToBoolean()));
+                                                                  arg_reduction(info[4]), info[5].ToBoolean(), info[6].ToBoolean()));
   });
 }
 
-// linearDistillLoss(sh, sw, th, tw, targets | null, kind, beta, temperature, ignoreIndex, alpha, wantGrads)
+// linearDistillLoss(sh, sw, th, tw, targets | null, kind, beta, temperature, ignoreIndex, alpha, wantDhidden, wantDweight)
 Napi::Value LinearDistillLoss(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
     return linear_result_to_js(env, tk::ops::linear_distill(NativeTensor::From(info[0], "studentHidden"), NativeTensor::From(info[1], "studentWeight"),
                                                             NativeTensor::From(info[2], "teacherHidden"), NativeTensor::From(info[3], "teacherWeight"),
                                                             optional_tensor(info[4], "targets"), arg_distill(info[5], info[6], info[7], info[8]),
-                                                            arg_number(info[9], "alpha"), info[10].ToBoolean()));
+                                                            arg_number(info[9], "alpha"), info[10].ToBoolean(), info[11].ToBoolean()));
   });
 }
 

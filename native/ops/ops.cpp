@@ -1002,7 +1002,8 @@ void check_row_targets(const char* op, const Tensor& hidden, const Tensor& targe
 }  // namespace
 
 LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                      int32_t ignore_index, LossReduction reduction, bool want_grads) {
+                                      int32_t ignore_index, LossReduction reduction, bool want_dhidden,
+                                      bool want_dweight) {
   const char* op = "linearCrossEntropy";
   check_linear_head(op, "hidden", hidden, "weight", weight);
   check_row_targets(op, hidden, targets);
@@ -1011,22 +1012,20 @@ LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight
   const Device dev = hidden.device();
   r.loss = empty({}, DType::F32, dev);
   TensorPtr losses = empty(targets.shape(), DType::F32, dev);
-  if (want_grads) {
-    r.dhidden = empty(hidden.shape(), hidden.dtype(), dev);
-    r.dweight = empty(weight.shape(), weight.dtype(), dev);
-  }
+  if (want_dhidden) r.dhidden = empty(hidden.shape(), hidden.dtype(), dev);
+  if (want_dweight) r.dweight = empty(weight.shape(), weight.dtype(), dev);
   LinearCrossEntropyParams p;
   p.ignore_index = ignore_index;
   p.reduction = reduction;
   TensorView hv = hidden.view(), wv = weight.view(), tv = targets.view(), lv = r.loss->view(), sv = losses->view();
-  TensorView dhv = want_grads ? r.dhidden->view() : TensorView{}, dwv = want_grads ? r.dweight->view() : TensorView{};
+  TensorView dhv = r.dhidden ? r.dhidden->view() : TensorView{}, dwv = r.dweight ? r.dweight->view() : TensorView{};
   launch(op, dev, {[=](ThreadPool& pool) { linear_cross_entropy_cpu(hv, wv, tv, p, lv, sv, dhv, dwv, pool); }, nullptr});
   return r;
 }
 
 LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
                                 const Tensor& teacher_weight, const Tensor* targets, const DistillParams& params,
-                                double alpha, bool want_grads) {
+                                double alpha, bool want_dhidden, bool want_dweight) {
   const char* op = "linearDistillLoss";
   const int64_t N = check_linear_head(op, "studentHidden", student_hidden, "studentWeight", student_weight);
   const int64_t Nt = check_linear_head(op, "teacherHidden", teacher_hidden, "teacherWeight", teacher_weight);
@@ -1045,16 +1044,14 @@ LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& stud
   LinearLossResult r;
   const Device dev = student_hidden.device();
   r.loss = empty({}, DType::F32, dev);
-  if (want_grads) {
-    r.dhidden = empty(student_hidden.shape(), student_hidden.dtype(), dev);
-    r.dweight = empty(student_weight.shape(), student_weight.dtype(), dev);
-  }
+  if (want_dhidden) r.dhidden = empty(student_hidden.shape(), student_hidden.dtype(), dev);
+  if (want_dweight) r.dweight = empty(student_weight.shape(), student_weight.dtype(), dev);
   LinearDistillParams p;
   p.distill = params;
   p.alpha = float(alpha);
   TensorView sh = student_hidden.view(), sw = student_weight.view(), th = teacher_hidden.view(), tw = teacher_weight.view();
   TensorView yv = targets ? targets->view() : TensorView{}, lv = r.loss->view();
-  TensorView dhv = want_grads ? r.dhidden->view() : TensorView{}, dwv = want_grads ? r.dweight->view() : TensorView{};
+  TensorView dhv = r.dhidden ? r.dhidden->view() : TensorView{}, dwv = r.dweight ? r.dweight->view() : TensorView{};
   launch(op, dev, {[=](ThreadPool& pool) { linear_distill_cpu(sh, sw, th, tw, yv, p, lv, TensorView{}, dhv, dwv, pool); }, nullptr});
   return r;
 }

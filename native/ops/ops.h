@@ -187,20 +187,21 @@ Grads2 dpo_loss_backward(const Tensor& dloss, const Tensor& policy_chosen, const
 TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, const Tensor& teacher, const Tensor* targets,
                                 const DistillParams& params);
 
-// Fused linear losses (never all [N, V] logits). With want_grads the gradients of the loss (for an
+// Fused linear losses (never all [N, V] logits). The gradients asked for (of the loss, for an
 // upstream gradient of 1) come back too, computed in the same pass; the autograd rule scales them.
 struct LinearLossResult {
   TensorPtr loss, dhidden, dweight;  // dhidden / dweight null without want_grads
 };
 // hidden [..., D], weight [V, D] (one dtype), targets [...] i32 -> loss [] f32 (mean or sum).
 LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                      int32_t ignore_index, LossReduction reduction, bool want_grads);
+                                      int32_t ignore_index, LossReduction reduction, bool want_dhidden,
+                                      bool want_dweight);
 // alpha * CE(student) + (1 - alpha) * distill(student, teacher) with the student's logits
 // hidden [..., Ds] x weight [V, Ds]^T and the teacher's [..., Dt] x [V, Dt]^T; targets optional
 // (needed when alpha > 0) -> loss [] f32; gradients for the student's hidden and weight.
 LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& student_weight, const Tensor& teacher_hidden,
                                 const Tensor& teacher_weight, const Tensor* targets, const DistillParams& params,
-                                double alpha, bool want_grads);
+                                double alpha, bool want_dhidden, bool want_dweight);
 
 // A frozen NF4 weight [out, in] as the op table sees it (the tensors of tk.nf4.quantize).
 struct Nf4WeightRef {
