@@ -41,3 +41,4 @@ export * as io from './io/index.js';
 export * as synthetic from './data/synthetic/index.js';
 export { generate, generateTokens, GenerateError, type GenerateOptions, type SamplingOptions } from './generate/index.js';
 export { KvCache } from './models/llama.js';
+export * as training from './train/index.js';

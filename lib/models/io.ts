@@ -109,7 +109,7 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       const bytes = staging.subarray(0, info.byteLength);
       await ckpt.readInto(name, bytes);
       const t = detached((s) => {
-        const raw = fromBytes(bytes, info);
+        const raw = tensorFromBytes(bytes, info);
         const cast = raw.dtype === dtype ? raw : raw.to(dtype);
         return s.keep(cast);
       });
@@ -150,7 +150,8 @@ function expectedShape(model: CausalLM, name: string): number[] {
   throw new ModelLoadError(`loadModel: no known shape for '${name}'`);
 }
 
-function fromBytes(bytes: Uint8Array, info: SafetensorsTensorInfo): Tensor {
+/** A tensor (owned by the current scope) from a safetensors entry's bytes: F32, BF16 or F16. */
+export function tensorFromBytes(bytes: Uint8Array, info: SafetensorsTensorInfo): Tensor {
   const dtype = tunekitDTypeOf(info.dtype);
   if (dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'f16')
     throw new ModelLoadError(`loadModel: tensor '${info.name}' has dtype ${info.dtype}; model weights must be F32, BF16 or F16`);

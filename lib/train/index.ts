@@ -1,0 +1,3 @@
+export { latestCheckpoint, loadCheckpoint, saveCheckpoint, type TrainerState } from './checkpoint.js';
+export { lrAt, type Schedule, type ScheduleKind } from './schedule.js';
+export { train, TrainError, type Batch, type BatchSource, type ProgressEvent, type TrainerOptions, type TrainResult } from './trainer.js';
