@@ -8,14 +8,7 @@ import { Bench } from 'tinybench';
 
 import * as tk from '../dist/index.js';
 
-export function torchPython() {
-  // Debian's python3-torch lives under /usr/bin/python3; a pyenv python3 on PATH may lack torch.
-  for (const py of ['/usr/bin/python3', 'python3']) {
-    const r = spawnSync(py, ['-c', 'import torch'], { encoding: 'utf8' });
-    if (r.status === 0) return py;
-  }
-  return null;
-}
+import { torchPython } from './gemm.mjs';
 
 export async function benchAttention({ peak, quick = false }) {
   const threads = tk.info().cpu.threads;
@@ -45,7 +38,11 @@ export async function benchAttention({ peak, quick = false }) {
     const flops = (7 * 2 * B * H * T * T * D) / 2;
     let torch = null;
     if (py) {
-      const r = spawnSync(py, ['bench/torch_attention.py', String(threads), String(B), String(T), String(H), String(D)], { encoding: 'utf8' });
+      const n = String(threads);
+      const r = spawnSync(py, [new URL('./torch_attention.py', import.meta.url).pathname, n, String(B), String(T), String(H), String(D)], {
+        encoding: 'utf8',
+        env: { ...process.env, OMP_NUM_THREADS: n, OPENBLAS_NUM_THREADS: n, MKL_NUM_THREADS: n },
+      });
       if (r.status === 0) torch = JSON.parse(r.stdout.trim().split('\n').pop());
     }
     rows.push({
