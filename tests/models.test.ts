@@ -232,6 +232,24 @@ describe('LoRA', () => {
   });
 });
 
+describe('config.json', () => {
+  it('reads rope_scaling (type or rope_type) and the newer rope_parameters alike', () => {
+    const base = tk.presetConfig('micro', 10);
+    const scaling = { factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 };
+    const classic = tk.parseConfig({ ...base, rope_theta: 500000, rope_scaling: { type: 'llama3', ...scaling } });
+    const typed = tk.parseConfig({ ...base, rope_theta: 500000, rope_scaling: { rope_type: 'llama3', ...scaling } });
+    const params = tk.parseConfig({ ...base, rope_theta: undefined, rope_scaling: undefined, rope_parameters: { rope_type: 'llama3', rope_theta: 500000, ...scaling } });
+    for (const c of [typed, params]) {
+      expect(c.ropeTheta).toBe(500000);
+      expect(c.ropeScaling).toEqual(classic.ropeScaling);
+    }
+    expect(classic.ropeScaling).toEqual({ ropeType: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 64 });
+    expect(tk.parseConfig({ ...base, rope_parameters: { rope_type: 'default', rope_theta: 1e6 } }).ropeScaling).toBeNull();
+    expect(() => tk.parseConfig({ ...base, rope_scaling: { type: 'longrope', factor: 2 } })).toThrow(/rope_scaling\.rope_type 'longrope' is not supported/);
+    expect(() => tk.parseConfig({ ...base, rope_scaling: { type: 'yarn' } })).toThrow(/rope_scaling\.factor is required/);
+  });
+});
+
 describe('loader errors name the file, the tensor and the fix', () => {
   it('missing directory or config, malformed config, unsupported model type', async () => {
     await expect(tk.loadModel(join(dir, 'nope'))).rejects.toThrow(/config\.json does not exist/);
