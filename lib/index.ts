@@ -42,3 +42,4 @@ export * as synthetic from './data/synthetic/index.js';
 export { generate, generateTokens, GenerateError, type GenerateOptions, type SamplingOptions } from './generate/index.js';
 export { KvCache } from './models/llama.js';
 export * as training from './train/index.js';
+export * as data from './data/index.js';
