@@ -35,9 +35,12 @@ export interface Batch {
   tokens: number;
 }
 
-/** Where batches come from; its state goes into checkpoints so a resumed run sees the same data. */
+/**
+ * Where batches come from; its state goes into checkpoints so a resumed run sees the same data.
+ * next() gives null when the data is exhausted, which ends the run.
+ */
 export interface BatchSource {
-  next(): Promise<Batch>;
+  next(): Promise<Batch | null>;
   state(): unknown;
   restore(state: unknown): void | Promise<void>;
 }
@@ -157,13 +160,20 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
       }
       opt.lr = lrAt({ lr, kind: schedule, warmupSteps, totalSteps: steps, minLrRatio }, step);
       let tokens = 0;
+      let exhausted = false;
       const lossSums: Tensor[] = [];
       try {
         for (let micro = 0; micro < gradAccum; micro++) {
           const batch = await data.next();
+          if (!batch) {
+            exhausted = true;
+            break;
+          }
           tokens += batch.tokens;
           lossSums.push(microStep(model, batch, options.checkpointLayers ?? false));
         }
+        // The data ran out: a partial last step still trains on what it got.
+        if (exhausted && lossSums.length === 0) break;
         if (tokens === 0) throw new TrainError(`train: step ${step + 1} has no target tokens in any of its ${gradAccum} micro-batches (all labels are -100); check the data's loss masks`);
         const norm = clipGradNorm(opt.params, maxGradNorm > 0 ? maxGradNorm * tokens : 0);
         opt.step({ gradScale: 1 / tokens });
@@ -202,6 +212,7 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
         if (metricsFile) await appendFile(metricsFile, JSON.stringify({ step, loss, lr: opt.lr, gradNorm, tokens: tokensSeen, tokensPerSecond: tps, ...(event.eval ? { eval: event.eval } : {}) }) + '\n');
         options.onProgress?.(event);
         if (options.checkpointEvery && step % options.checkpointEvery === 0) await checkpoint();
+        if (exhausted) break;
       } finally {
         for (const t of lossSums) t.dispose();
       }
