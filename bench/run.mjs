@@ -11,6 +11,7 @@ import { benchLinearLoss } from './linear-loss.mjs';
 import { benchLoadMemory } from './load-memory.mjs';
 import { benchOps } from './ops.mjs';
 import { benchQlora } from './qlora.mjs';
+import { benchTrainStep } from './train-step.mjs';
 
 const quick = process.argv.includes('--quick');
 const info = tk.info();
@@ -28,3 +29,4 @@ await benchAttention({ peak, quick });
 await benchQlora({ quick });
 benchLinearLoss({ quick });
 if (!quick) await benchLoadMemory();
+await benchTrainStep({ quick });

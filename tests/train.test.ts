@@ -158,6 +158,27 @@ describe('train', () => {
     for (const m of [straight, first, second]) m.dispose();
   });
 
+  it('live tensors and bytes stay flat over 200 steps', async () => {
+    const model = tk.createModel({ preset: 'micro', vocabSize: 32 }, { seed: 6 });
+    tk.applyLora(model, { r: 2, targetModules: 'all-linear', dropout: 0.1 });
+    const seen: { tensors: number; bytes: number }[] = [];
+    await train({
+      model,
+      data: new ListSource([batch([pattern(0, 16, 32), pattern(1, 16, 32)]), batch([pattern(2, 16, 32)])]),
+      steps: 200,
+      lr: 1e-3,
+      gradAccum: 2,
+      onProgress: () => {
+        const m = tk.memory().cpu!;
+        seen.push({ tensors: m.tensors, bytes: m.bytes });
+      },
+    });
+    expect(seen).toHaveLength(200);
+    // From the second step on (the optimizer's moments exist), nothing grows.
+    for (const m of seen.slice(1)) expect(m).toEqual(seen[1]);
+    model.dispose();
+  });
+
   it('schedules: warmup, cosine and linear decay to the floor, constant', () => {
     const s = { lr: 1, warmupSteps: 4, totalSteps: 14, minLrRatio: 0.1 };
     expect([0, 1, 2, 3].map((i) => lrAt(s, i))).toEqual([0.25, 0.5, 0.75, 1]);
