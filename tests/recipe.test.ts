@@ -84,6 +84,31 @@ describe('running a recipe', () => {
     // Running it again finds both stages complete.
     const again = spawnSync(process.execPath, [cli, 'train', join(dir, 'two.json')], { encoding: 'utf8' });
     expect(again.stdout).toMatch(/pre: already complete/);
+
+    // `tunekit merge` folds the SFT stage's adapter into the pretrained model: the result is the
+    // SFT stage's own (merged) model, to float rounding.
+    const merged = join(dir, 'out-two', 'merged');
+    const m = spawnSync(process.execPath, [cli, 'merge', '--model', join(dir, 'out-two', 'pre', 'model'), '--adapter', join(dir, 'out-two', 'sft', 'adapter'), '--out', merged], { encoding: 'utf8' });
+    expect(m.stderr).toBe('');
+    expect(m.status).toBe(0);
+    const a = await tk.loadModel(merged);
+    const b = await tk.loadModel(join(dir, 'out-two', 'sft', 'model'));
+    const ids = tk.tensor(new Int32Array([72, 105, 33, 10]), [1, 4]);
+    const la = tk.tidy(() => tk.noGrad(() => a.forward(ids).toArraySync()));
+    const lb = tk.tidy(() => tk.noGrad(() => b.forward(ids).toArraySync()));
+    let worst = 0;
+    for (let i = 0; i < la.length; i++) worst = Math.max(worst, Math.abs(la[i]! - lb[i]!));
+    // The SFT stage merged into the NF4 base dequantized, merge here into the dense pretrained base.
+    expect(worst).toBeLessThan(0.5);
+    for (const t of [a, b]) t.dispose();
+    ids.dispose();
+
+    const g = spawnSync(process.execPath, [cli, 'generate', '--model', merged, '--prompt', '3+4=', '--prompt', 'hello', '--chat', '--max-new-tokens', '4'], { encoding: 'utf8' });
+    expect(g.status).toBe(0);
+    expect(g.stdout.split('\n').length).toBeGreaterThanOrEqual(2);
+    const bad = spawnSync(process.execPath, [cli, 'generate', '--prompt', 'x'], { encoding: 'utf8' });
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/generate needs --model DIR/);
   });
 
   it('killed with SIGKILL at random moments, then resumed: the same weights as an uninterrupted run', async () => {
