@@ -1,16 +1,23 @@
 """PyTorch's naive attention (scores materialized, softmax, backward through autograd) on the
 shapes tunekit's attention benchmark uses, for side-by-side time and memory.
 
-argv: threads B T H D. Prints JSON {seconds (best fwd+bwd), peak_bytes (growth of the process's
-max RSS over the first fwd+bwd, inputs already allocated), torch}. Run one shape per process so
-the RSS high-water mark belongs to that shape.
+argv: threads B T H D. Prints JSON {seconds (best fwd+bwd), peak_bytes (the process's peak RSS
+during one fwd+bwd above its RSS before it, inputs already allocated), torch}. The peak is Linux's
+VmHWM, reset just before the step through /proc/self/clear_refs.
 """
 import json
-import resource
 import sys
 import time
 
 import torch
+
+
+def status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
 def main():
@@ -29,9 +36,12 @@ def main():
         out.backward(dout)
         q.grad = k.grad = v.grad = None
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up: the allocator's first-use costs are not the step's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    rss0 = status_bytes("VmRSS")
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    peak = status_bytes("VmHWM") - rss0
     times = []
     start = time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < 2.0:
