@@ -43,3 +43,6 @@ export { generate, generateTokens, GenerateError, type GenerateOptions, type Sam
 export { KvCache } from './models/llama.js';
 export * as training from './train/index.js';
 export * as data from './data/index.js';
+export { averageCheckpoints, AverageError, type AverageOptions, type AverageProgress, type AverageResult } from './models/average.js';
+export * as evals from './eval/index.js';
+export * as report from './report/index.js';

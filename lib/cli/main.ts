@@ -5,7 +5,9 @@ import { dirname } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
+import { runNiahCommand } from '../eval/niah.js';
 import { generate } from '../generate/index.js';
+import { averageCheckpoints } from '../models/average.js';
 import { loadModel, saveModel } from '../models/io.js';
 import { loadAdapter, mergeLora } from '../models/lora.js';
 import { info } from '../runtime.js';
@@ -21,6 +23,8 @@ commands:
   train <recipe.yaml>        run a recipe's stages (Ctrl-C writes a checkpoint; run again to resume)
   generate --model DIR --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--adapter DIR]
   merge --model DIR --adapter DIR --out DIR     fold a LoRA adapter into its base (NF4 bases too) and save it
+  average DIR... --out DIR [--weights 0.5,0.5] [--dtype f32|bf16]   weighted average of checkpoints, tensor by tensor
+  eval niah --model DIR [--adapter DIR] --lengths 256,512 --depths 0,0.5,1 [--per-cell N] [--chat] [--out PATH]
   demo [--out DIR] [--quick]  pretrain a tiny Llama from scratch, QLoRA-SFT it, and report what changed
 `;
 
@@ -78,6 +82,11 @@ async function cmdTrain(args: string[]): Promise<number> {
     handleSigint: true,
     onStageStart: (stage, i) => {
       bar?.stop();
+      if (stage.type === 'average') {
+        process.stderr.write(`stage ${i.index + 1}/${recipe.stages.length} '${stage.name}': averaging ${stage.stages.join(', ')}\n`);
+        bar = null;
+        return;
+      }
       process.stderr.write(`stage ${i.index + 1}/${recipe.stages.length} '${stage.name}' (${stage.type}${stage.lora ? `, LoRA r=${stage.lora.r}${stage.lora.quantize ? ' on NF4' : ''}` : ''}): ${i.steps} steps, ${(i.trainable / 1e6).toFixed(2)}M trainable parameters\n`);
       bar = progressReporter(stage.name);
     },
@@ -143,6 +152,55 @@ async function cmdMerge(args: string[]): Promise<number> {
   return 0;
 }
 
+function numberList(value: string | undefined, what: string): number[] | undefined {
+  if (value === undefined) return undefined;
+  const list = value.split(',').map((v) => Number(v.trim()));
+  if (list.some((v) => !Number.isFinite(v))) throw new UsageError(`${what} must be a comma-separated list of numbers, got '${value}'`);
+  return list;
+}
+
+async function cmdAverage(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args, allowPositionals: true, options: { out: { type: 'string' }, weights: { type: 'string' }, dtype: { type: 'string' } } });
+  if (positionals.length < 1 || !values.out) throw new UsageError('average needs checkpoint directories and --out DIR');
+  if (values.dtype !== undefined && values.dtype !== 'f32' && values.dtype !== 'bf16') throw new UsageError(`--dtype must be f32 or bf16, got '${values.dtype}'`);
+  const weights = numberList(values.weights, '--weights');
+  const r = await averageCheckpoints(positionals, values.out, { ...(weights ? { weights } : {}), ...(values.dtype ? { dtype: values.dtype as 'f32' | 'bf16' } : {}) });
+  process.stdout.write(`averaged ${positionals.length} checkpoints (${r.tensors} tensors, ${(r.bytes / 2 ** 20).toFixed(1)} MiB) -> ${values.out}\n`);
+  return 0;
+}
+
+async function cmdEval(args: string[]): Promise<number> {
+  const [what, ...rest] = args;
+  if (what !== 'niah') throw new UsageError(`eval: unknown evaluation '${what ?? ''}'; available: niah`);
+  const { values } = parseArgs({
+    args: rest,
+    options: {
+      model: { type: 'string' },
+      adapter: { type: 'string' },
+      lengths: { type: 'string' },
+      depths: { type: 'string', default: '0,0.25,0.5,0.75,1' },
+      'per-cell': { type: 'string', default: '5' },
+      seed: { type: 'string', default: '0' },
+      chat: { type: 'boolean', default: false },
+      out: { type: 'string' },
+    },
+  });
+  if (!values.model) throw new UsageError('eval niah needs --model DIR');
+  const lengths = numberList(values.lengths, '--lengths');
+  if (!lengths) throw new UsageError('eval niah needs --lengths, e.g. --lengths 256,512,1024');
+  await runNiahCommand({
+    modelDir: values.model,
+    ...(values.adapter ? { adapterDir: values.adapter } : {}),
+    lengths,
+    depths: numberList(values.depths, '--depths')!,
+    perCell: Number(values['per-cell']),
+    seed: Number(values.seed),
+    chat: values.chat,
+    ...(values.out ? { out: values.out } : {}),
+  });
+  return 0;
+}
+
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { out: { type: 'string', default: 'tunekit-demo' }, quick: { type: 'boolean', default: false } } });
   const { runDemo } = await import('../demo/index.js');
@@ -183,6 +241,10 @@ async function main(argv: string[]): Promise<number> {
         return await cmdMerge(rest);
       case 'demo':
         return await cmdDemo(rest);
+      case 'average':
+        return await cmdAverage(rest);
+      case 'eval':
+        return await cmdEval(rest);
       default:
         process.stderr.write(`tunekit: unknown command '${command}'\n\n${usage}`);
         return 2;

@@ -81,7 +81,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   await runRecipe(recipe, {
     onStageStart: (stage, i) => {
       bar?.stop();
-      log(`stage '${stage.name}' (${stage.type}${stage.lora ? ', QLoRA: NF4 base + LoRA r=16' : ', from scratch'}): ${i.steps} steps, ${(i.trainable / 1e6).toFixed(2)}M trainable parameters`);
+      log(`stage '${stage.name}' (${stage.type}${'lora' in stage && stage.lora ? ', QLoRA: NF4 base + LoRA r=16' : ', from scratch'}): ${i.steps} steps, ${(i.trainable / 1e6).toFixed(2)}M trainable parameters`);
       bar = options.progress?.(stage.name) ?? null;
     },
     onProgress: (stage, e) => {

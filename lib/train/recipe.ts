@@ -21,6 +21,27 @@ const loraSchema = z.strictObject({
   quantize: z.literal('nf4').optional(),
 });
 
+/**
+ * Context extension: a new RoPE base (ABF: raise theta) or a Hugging Face rope_scaling, written into
+ * the model's config.json before the stage trains (typically with a longer seqLen).
+ */
+const ropeSchema = z.union([
+  z.strictObject({ theta: z.number().gt(1, 'theta must be > 1 (RoPE base frequency)') }),
+  z.strictObject({
+    scaling: z.strictObject({
+      rope_type: z.enum(['linear', 'dynamic', 'yarn', 'llama3']),
+      factor: z.number().positive(),
+      original_max_position_embeddings: positiveInt.optional(),
+      low_freq_factor: z.number().optional(),
+      high_freq_factor: z.number().optional(),
+      beta_fast: z.number().optional(),
+      beta_slow: z.number().optional(),
+      attention_factor: z.number().optional(),
+    }),
+    maxPositionEmbeddings: positiveInt.optional(),
+  }),
+]);
+
 const stageBase = {
   name: z.string().regex(/^[A-Za-z0-9._-]+$/, 'use letters, digits, ".", "_" or "-" (it names a directory)'),
   data: dataSource,
@@ -41,6 +62,7 @@ const stageBase = {
   checkpointEvery: positiveInt.optional(),
   checkpointLayers: z.boolean().default(false),
   seed: nonNegativeInt.optional(),
+  rope: ropeSchema.optional(),
 };
 
 const pretrainStage = z.strictObject({
@@ -58,7 +80,55 @@ const sftStage = z.strictObject({
   packing: z.enum(['pack', 'pad']).default('pack'),
 });
 
-export const stageSchema = z.discriminatedUnion('type', [pretrainStage, sftStage]);
+const judgeSchema = z.union([
+  /** A synthetic task of the toy world, scored by exact match with the prompt's answer. */
+  z.strictObject({ task: z.enum(['arithmetic', 'keyValue', 'copy', 'reverse']) }),
+  /** A module whose default export is (prompt, response) => number (higher is better). */
+  z.strictObject({ module: z.string().min(1) }),
+]);
+
+const dpoStage = z.strictObject({
+  ...stageBase,
+  type: z.literal('dpo'),
+  /** Preference records { prompt, chosen, rejected } (strings or message lists). */
+  beta: z.number().positive().default(0.1),
+  loss: z.enum(['sigmoid', 'ipo', 'hinge']).default('sigmoid'),
+  labelSmoothing: z.number().min(0).max(0.5).default(0),
+  /** Rounds of generate, judge, pair, train; `data` then holds prompts ({ prompt }). */
+  iterative: z
+    .strictObject({
+      rounds: positiveInt,
+      samples: z.number().int().min(2).default(4),
+      judge: judgeSchema,
+      temperature: z.number().positive().default(1),
+      maxNewTokens: positiveInt.default(16),
+    })
+    .optional(),
+});
+
+const distillStage = z.strictObject({
+  ...stageBase,
+  type: z.literal('distill'),
+  /** The teacher: a model directory (a model this recipe wrote, or any Hugging Face directory). */
+  teacher: z.string().min(1),
+  /** A fresh student instead of the previous stage's model. */
+  student: z.strictObject({ preset: z.enum(['micro', 'tiny', 'small']), seed: nonNegativeInt.optional() }).optional(),
+  alpha: z.number().min(0).max(1).default(0.5),
+  kind: z.enum(['forward_kl', 'reverse_kl', 'jsd']).default('forward_kl'),
+  temperature: z.number().positive().default(1),
+  beta: z.number().min(0).max(1).default(0.5),
+  packing: z.enum(['pack', 'split', 'pad']).default('split'),
+});
+
+/** Per-phase averaging: the weighted average of earlier stages' models (no training). */
+const averageStage = z.strictObject({
+  name: stageBase.name,
+  type: z.literal('average'),
+  stages: z.array(z.string().min(1)).min(2),
+  weights: z.array(z.number().nonnegative()).optional(),
+});
+
+export const stageSchema = z.discriminatedUnion('type', [pretrainStage, sftStage, dpoStage, distillStage, averageStage]);
 
 export const recipeSchema = z.strictObject({
   /** A Hugging Face model directory, or a preset to build from scratch (with a byte-level tokenizer). */
@@ -100,6 +170,12 @@ export function parseRecipe(input: unknown, where = 'recipe'): Recipe {
   const names = new Set<string>();
   r.data.stages.forEach((s, i) => {
     if (names.has(s.name)) throw new RecipeError(`${where}: stages[${i}].name: '${s.name}' is used by an earlier stage; stage names name output directories and must differ`);
+    if (s.type === 'average') {
+      s.stages.forEach((n, j) => {
+        if (!names.has(n)) throw new RecipeError(`${where}: stages[${i}].stages[${j}]: '${n}' is not an earlier stage (${[...names].join(', ') || 'none'})`);
+      });
+      if (s.weights && s.weights.length !== s.stages.length) throw new RecipeError(`${where}: stages[${i}].weights: ${s.weights.length} weights for ${s.stages.length} stages`);
+    }
     names.add(s.name);
   });
   return r.data;

@@ -39,13 +39,15 @@ export interface Batch {
  * Where batches come from; its state goes into checkpoints so a resumed run sees the same data.
  * next() gives null when the data is exhausted, which ends the run.
  */
-export interface BatchSource {
-  next(): Promise<Batch | null>;
+export interface BatchSource<B = Batch> {
+  next(): Promise<B | null>;
   state(): unknown;
   restore(state: unknown): void | Promise<void>;
 }
 
 export interface ProgressEvent {
+  /** Extra per-step metrics the loss reports (e.g. DPO's reward accuracy). */
+  metrics?: Record<string, number>;
   step: number;
   totalSteps: number;
   loss: number;
@@ -59,9 +61,26 @@ export interface ProgressEvent {
   eval?: Record<string, number>;
 }
 
-export interface TrainerOptions {
+/**
+ * What one micro-batch contributes: its loss SUMMED over its units (tokens for language
+ * modelling, preference pairs for DPO), the number of units, and optional metrics to report: f32
+ * tensors read after the step (without stalling the queue), each reduced to a number (default:
+ * the sum of its elements), summed over the micro-batches and divided by the step's units.
+ */
+export interface MicroLoss {
+  loss: Tensor;
+  units: number;
+  metrics?: Record<string, Tensor>;
+  reduce?: Record<string, (values: Float32Array) => number>;
+}
+
+export type LossFn<B> = (model: CausalLM, batch: B, options: { checkpointLayers: boolean }) => MicroLoss;
+
+export interface TrainerOptions<B = Batch> {
   model: CausalLM;
-  data: BatchSource;
+  data: BatchSource<B>;
+  /** The loss of a micro-batch; default: next-token cross entropy (the fused LM-head loss). */
+  loss?: LossFn<B>;
   /** Optimizer steps to run in total (a resumed run continues up to this). */
   steps: number;
   /** Micro-batches per optimizer step. Default 1. */
@@ -107,7 +126,7 @@ export class TrainError extends Error {
   }
 }
 
-export async function train(options: TrainerOptions): Promise<TrainResult> {
+export async function train<B = Batch>(options: TrainerOptions<B>): Promise<TrainResult> {
   const { model, data, steps, gradAccum = 1, lr = 1e-3, schedule = 'cosine', warmupSteps = 0, minLrRatio, maxGradNorm = 1 } = options;
   if (!Number.isInteger(steps) || steps < 0) throw new TrainError(`train: steps must be a non-negative integer, got ${String(steps)}`);
   if (!Number.isInteger(gradAccum) || gradAccum < 1) throw new TrainError(`train: gradAccum must be a positive integer, got ${String(gradAccum)}`);
@@ -162,6 +181,9 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
       let tokens = 0;
       let exhausted = false;
       const lossSums: Tensor[] = [];
+      const metricSums: Record<string, Tensor[]> = {};
+      const reducers: Record<string, (values: Float32Array) => number> = {};
+      const lossFn = (options.loss ?? (lmLoss as unknown as LossFn<B>));
       try {
         for (let micro = 0; micro < gradAccum; micro++) {
           const batch = await data.next();
@@ -169,8 +191,20 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
             exhausted = true;
             break;
           }
-          tokens += batch.tokens;
-          lossSums.push(microStep(model, batch, options.checkpointLayers ?? false));
+          let units = 0;
+          let names: string[] = [];
+          // tidy keeps what is returned (one level deep): the loss and the metrics, detached.
+          const [lossSum, ...metricTensors] = tidy(() => {
+            const m = lossFn(model, batch, { checkpointLayers: options.checkpointLayers ?? false });
+            m.loss.backward();
+            units = m.units;
+            names = Object.keys(m.metrics ?? {});
+            Object.assign(reducers, m.reduce ?? {});
+            return [m.loss.detach(), ...Object.values(m.metrics ?? {}).map((t) => t.detach())];
+          });
+          tokens += units;
+          lossSums.push(lossSum!);
+          names.forEach((k, i) => (metricSums[k] ??= []).push(metricTensors[i]!));
         }
         // The data ran out: a partial last step still trains on what it got.
         if (exhausted && lossSums.length === 0) break;
@@ -182,6 +216,12 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
         const gradNorm = (await norm.toArray())[0]! / tokens;
         norm.dispose();
         const loss = sums.reduce((a, s) => a + s[0]!, 0) / tokens;
+        const metrics: Record<string, number> = {};
+        const sumAll = (v: Float32Array) => v.reduce((a, x) => a + x, 0);
+        for (const [k, list] of Object.entries(metricSums)) {
+          const values = await Promise.all(list.map((t) => t.toArray() as Promise<Float32Array>));
+          metrics[k] = values.reduce((a, v) => a + (reducers[k] ?? sumAll)(v), 0) / tokens;
+        }
         if (!Number.isFinite(loss)) throw new TrainError(`train: the loss became ${loss} at step ${step + 1} (lr ${opt.lr}); lower the learning rate or check the data`);
         step++;
         tokensSeen += tokens;
@@ -199,6 +239,7 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
           elapsedSeconds: elapsed,
           etaSeconds: ((steps - step) * elapsed) / Math.max(1, step - startStep),
           memoryBytes: process.memoryUsage().rss,
+          ...(Object.keys(metrics).length ? { metrics } : {}),
         };
         if (options.evaluate && options.evalEvery && (step % options.evalEvery === 0 || step === steps)) {
           // Evaluation time does not count as training time (tokens/s, ETA).
@@ -209,12 +250,13 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
           result.evals.push({ step, metrics: event.eval });
           evalSeconds += (performance.now() - evalStart) / 1e3;
         }
-        if (metricsFile) await appendFile(metricsFile, JSON.stringify({ step, loss, lr: opt.lr, gradNorm, tokens: tokensSeen, tokensPerSecond: tps, ...(event.eval ? { eval: event.eval } : {}) }) + '\n');
+        if (metricsFile) await appendFile(metricsFile, JSON.stringify({ step, loss, lr: opt.lr, gradNorm, tokens: tokensSeen, tokensPerSecond: tps, ...metrics, ...(event.eval ? { eval: event.eval } : {}) }) + '\n');
         options.onProgress?.(event);
         if (options.checkpointEvery && step % options.checkpointEvery === 0) await checkpoint();
         if (exhausted) break;
       } finally {
         for (const t of lossSums) t.dispose();
+        for (const list of Object.values(metricSums)) for (const t of list) t.dispose();
       }
     }
     result.steps = step;
@@ -227,21 +269,23 @@ export async function train(options: TrainerOptions): Promise<TrainResult> {
   return result;
 }
 
-/** Forward and backward of one micro-batch; returns its loss sum (f32 []) to read later. */
-function microStep(model: CausalLM, b: Batch, checkpointLayers: boolean): Tensor {
+/** Next-token cross entropy of one micro-batch, summed over its counted tokens. */
+export function lmLoss(model: CausalLM, b: Batch, options: { checkpointLayers: boolean }): MicroLoss {
+  const { targets, h } = batchHidden(model, b, options.checkpointLayers);
+  return { loss: linearCrossEntropy(h, model.lmHeadWeight, targets, { reduction: 'sum' }), units: b.tokens };
+}
+
+/** The batch's tensors and the model's final hidden states for it (inside the caller's scope). */
+export function batchHidden(model: CausalLM, b: Batch, checkpointLayers: boolean): { ids: Tensor; targets: Tensor; h: Tensor } {
   const shape = [b.batchSize, b.seqLen];
   if (b.ids.length !== b.batchSize * b.seqLen || b.targets.length !== b.ids.length)
     throw new TrainError(`train: a batch's ids (${b.ids.length}) and targets (${b.targets.length}) must both hold batchSize x seqLen = ${b.batchSize * b.seqLen} values`);
-  return tidy(() => {
-    const ids = tensor(b.ids, shape);
-    const targets = tensor(b.targets, shape);
-    const h = model.hidden(ids, {
-      positions: b.positions ? tensor(b.positions, shape) : undefined,
-      segmentIds: b.segmentIds ? tensor(b.segmentIds, shape) : undefined,
-      checkpointLayers,
-    });
-    const loss = linearCrossEntropy(h, model.lmHeadWeight, targets, { reduction: 'sum' });
-    loss.backward();
-    return loss.detach();
+  const ids = tensor(b.ids, shape);
+  const targets = tensor(b.targets, shape);
+  const h = model.hidden(ids, {
+    positions: b.positions ? tensor(b.positions, shape) : undefined,
+    segmentIds: b.segmentIds ? tensor(b.segmentIds, shape) : undefined,
+    checkpointLayers,
   });
+  return { ids, targets, h };
 }

@@ -23,6 +23,7 @@ export {
   type StringExample,
   type StringTaskOptions,
   type Task,
+  solvePrompt,
 } from './tasks.js';
 export {
   fillerSentence,

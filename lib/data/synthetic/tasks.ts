@@ -314,3 +314,31 @@ export function copyString(options: StringTaskOptions = {}): Task<StringExample>
 export function reverseString(options: StringTaskOptions = {}): Task<StringExample> {
   return stringTask('reverse', options);
 }
+
+/**
+ * The correct answer to a prompt in one of the tasks' formats, or null when the prompt is not one:
+ * a judge for responses generated from prompts alone (iterative DPO).
+ */
+export function solvePrompt(task: 'arithmetic' | 'keyValue' | 'copy' | 'reverse', prompt: string): string | null {
+  const p = prompt.trim();
+  switch (task) {
+    case 'arithmetic': {
+      const m = /^(\d+)([+-])(\d+)=$/.exec(p);
+      return m ? String(m[2] === '+' ? Number(m[1]) + Number(m[3]) : Number(m[1]) - Number(m[3])) : null;
+    }
+    case 'keyValue': {
+      const m = /^((?:\S+=\d+ )+)(\S+)\?$/.exec(p);
+      if (!m) return null;
+      const pairs = new Map(m[1]!.trim().split(' ').map((kv) => kv.split('=') as [string, string]));
+      return pairs.get(m[2]!) ?? null;
+    }
+    case 'copy': {
+      const m = /^copy (\S+)=$/.exec(p);
+      return m ? m[1]! : null;
+    }
+    case 'reverse': {
+      const m = /^rev (\S+)=$/.exec(p);
+      return m ? [...m[1]!].reverse().join('') : null;
+    }
+  }
+}
