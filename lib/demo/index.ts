@@ -1,19 +1,34 @@
-// `tunekit demo`: the recipe book on a toy world, on the CPU, in a few minutes.
-//   1. pretrain a tiny Llama from scratch (byte-level tokenizer) on a synthetic corpus of prose,
-//      solved sums and key-value lines;
-//   2. QLoRA-SFT it (NF4 base, LoRA on every linear layer) on chat-formatted instructions;
-//   3. measure exact-match accuracy on held-out prompts (never seen in training) before and after
-//      SFT, and write an HTML report with the loss curves and the accuracy table.
-// Everything runs through the public recipe runner, so the demo exercises what users run.
+// `tunekit demo`: the recipe book on a toy world, on the CPU, in a few minutes. One recipe, run by
+// the public recipe runner, so the demo exercises what users run:
+//   pretrain   a tiny Llama from scratch (byte-level tokenizer) on prose, solved sums and
+//              key-value lines, at 128 tokens;
+//   sft        QLoRA (NF4 base, LoRA on every linear layer) on chat-formatted instructions;
+//   dpo        LoRA DPO on preference pairs (the correct sum against a near miss);
+//   average    the per-phase average of the SFT and DPO models;
+//   extend     ABF context extension: RoPE base 10k -> 100k and training at 256 tokens on
+//              needle documents, with replay of the pretraining corpus;
+//   distill    a micro student taught by the extended model (forward KL at T = 2, mixed with
+//              cross entropy), against a micro student trained from scratch on the same tokens.
+// Each phase reports the number that shows its effect, measured on held-out data: exact-match
+// accuracy, preference accuracy, needle recall and likelihood beyond the original length, held-out
+// cross entropy. The HTML report holds the loss curves, the tables and the NIAH heatmaps.
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 
-import { arithmetic, evaluate, heldOutSet, instructionSet, keyValue, pretrainCorpus, writeJsonl, type Task } from '../data/synthetic/index.js';
+import { noGrad } from '../autograd.js';
+import { arithmetic, evaluate, heldOutSet, instructionSet, keyValue, needleCorpus, preferenceSet, pretrainCorpus, writeJsonl, type Task } from '../data/synthetic/index.js';
+import { evaluateNiah, niahHeatmapSvg, type NiahReport } from '../eval/niah.js';
 import { generate } from '../generate/index.js';
+import { loadModel } from '../models/io.js';
 import type { CausalLM } from '../models/llama.js';
-import { barChartSvg, lineChartSvg, writeReport } from '../report/index.js';
+import { crossEntropy } from '../ops/loss.js';
+import { barChartSvg, lineChartSvg, writeReport, type ReportSection } from '../report/index.js';
+import { tidy } from '../scope.js';
+import { tensor } from '../tensor.js';
+import { ByteTokenizer } from '../tokenizer/byte.js';
 import type { Tokenizer } from '../tokenizer/types.js';
-import { parseRecipe } from '../train/recipe.js';
+import { preferenceAccuracy, readPreferences, type TokenizedPair } from '../train/dpo.js';
+import { parseRecipe, type StageConfig } from '../train/recipe.js';
 import { runRecipe } from '../train/stages.js';
 import type { ProgressEvent } from '../train/trainer.js';
 
@@ -26,7 +41,11 @@ export interface DemoOptions {
 }
 
 export interface DemoResult {
-  table: { task: string; before: number; after: number; n: number }[];
+  /** Exact-match accuracy per task: after pretraining (before SFT), after SFT, after DPO, of the average. */
+  accuracy: { task: string; beforeSft: number; afterSft: number; afterDpo: number; average: number }[];
+  preference: { beforeDpo: number; afterDpo: number; average: number };
+  niah: { before: NiahReport; after: NiahReport };
+  distill: { distilled: number; scratch: number };
   losses: Record<string, { step: number; loss: number }[]>;
   seconds: number;
   report: string;
@@ -42,14 +61,16 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   const started = performance.now();
   const out = options.outputDir;
   const q = options.quick ?? false;
-  await mkdir(join(out, 'data'), { recursive: true });
+  const data = join(out, 'data');
+  await mkdir(data, { recursive: true });
 
-  const pretrainPath = join(out, 'data', 'pretrain.jsonl');
-  const sftPath = join(out, 'data', 'sft.jsonl');
-  await writeJsonl(pretrainPath, pretrainCorpus(q ? 200 : 20000, 1, { mix: { arithmetic: 4, keyValue: 3, prose: 2 }, arithmetic: { max: 49, ops: ['+'] }, keyValue: { pairs: 3 } }));
-  const sft = TASKS.flatMap(({ task }, i) => instructionSet(task, q ? 100 : 5000, 10 + i, { form: 'messages' }));
-  await writeJsonl(sftPath, sft);
+  const corpusOptions = { mix: { arithmetic: 4, keyValue: 3, prose: 2 }, arithmetic: { max: 49, ops: ['+' as const] }, keyValue: { pairs: 3 } };
+  await writeJsonl(join(data, 'pretrain.jsonl'), pretrainCorpus(q ? 200 : 20000, 1, corpusOptions));
+  await writeJsonl(join(data, 'sft.jsonl'), TASKS.flatMap(({ task }, i) => instructionSet(task, q ? 100 : 5000, 10 + i, { form: 'messages' })));
+  await writeJsonl(join(data, 'prefs.jsonl'), preferenceSet(TASKS[0]!.task, q ? 64 : 2000, 20, { form: 'messages' }));
+  await writeJsonl(join(data, 'long.jsonl'), needleCorpus(q ? 50 : 3000, 30, { length: [120, 160, 200, 240] }));
   const evalN = q ? 16 : 200;
+  const S = (full: number, quick: number) => (q ? quick : full);
 
   const recipe = parseRecipe(
     {
@@ -57,74 +78,178 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       output: join(out, 'run'),
       seed: 1,
       stages: [
-        { name: 'pretrain', type: 'pretrain', data: pretrainPath, seqLen: 128, batchSize: 16, steps: q ? 6 : 1000, lr: 3e-3, warmupSteps: q ? 1 : 50, minLrRatio: 0.1 },
-        { name: 'sft', type: 'sft', data: sftPath, seqLen: 128, batchSize: 16, steps: q ? 4 : 500, lr: 2e-3, warmupSteps: q ? 1 : 20, lora: { r: 16, alpha: 32, targetModules: 'all-linear', quantize: 'nf4' } },
+        { name: 'pretrain', type: 'pretrain', data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(900, 6), lr: 3e-3, warmupSteps: S(50, 1) },
+        { name: 'sft', type: 'sft', data: join(data, 'sft.jsonl'), seqLen: 128, batchSize: 16, steps: S(450, 4), lr: 2e-3, warmupSteps: S(20, 1), lora: { r: 16, alpha: 32, targetModules: 'all-linear', quantize: 'nf4' } },
+        { name: 'dpo', type: 'dpo', data: join(data, 'prefs.jsonl'), seqLen: 64, batchSize: 16, steps: S(120, 3), lr: 1e-3, beta: 0.2, lora: { r: 16, alpha: 32, targetModules: 'all-linear' } },
+        { name: 'average', type: 'average', stages: ['sft', 'dpo'] },
+        { name: 'extend', type: 'pretrain', data: join(data, 'long.jsonl'), replay: { data: join(data, 'pretrain.jsonl'), ratio: 0.25 }, seqLen: 256, batchSize: 8, steps: S(200, 3), lr: 1e-3, warmupSteps: S(10, 1), rope: { theta: 100000 } },
+        { name: 'distill', type: 'distill', teacher: join(out, 'run', 'extend', 'model'), student: { preset: 'micro', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(250, 3), lr: 3e-3, alpha: 0.3, kind: 'forward_kl', temperature: 2 },
+        // The baseline: the same student, the same tokens, only cross entropy (alpha = 1).
+        { name: 'scratch', type: 'distill', teacher: join(out, 'run', 'extend', 'model'), student: { preset: 'micro', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(250, 3), lr: 3e-3, alpha: 1 },
       ],
     },
     'demo recipe',
   );
 
   const accuracy: Record<string, number[]> = {};
-  const measure = async (model: CausalLM, tokenizer: Tokenizer, label: string) => {
+  const measureTasks = async (model: CausalLM, tokenizer: Tokenizer, label: string) => {
     for (const { name, task } of TASKS) {
       const examples = heldOutSet(task, evalN, 99);
       const gen = (prompts: string[]) => generate(model, tokenizer, prompts, { chat: true, maxNewTokens: 8 });
       const r = await evaluate(gen, examples, { batchSize: 50, score: (o, a) => task.score(o, a) });
       (accuracy[name] ??= []).push(r.accuracy);
-      log(`  ${label}: ${name}: ${(100 * r.accuracy).toFixed(1)}% exact match (${r.correct}/${r.total})`);
+      log(`  ${label}: ${name}: ${(100 * r.accuracy).toFixed(1)}% exact match`);
     }
   };
+  const tokenizer = new ByteTokenizer();
+  const heldOutPairs: TokenizedPair[] = await readPreferences(preferenceSet(TASKS[0]!.task, evalN, 21, { form: 'messages', split: 'eval' }), tokenizer);
+  const preference: Partial<DemoResult['preference']> = {};
+  const niahOptions = { lengths: q ? [100] : [100, 160, 220, 250], depths: q ? [0.5] : [0.1, 0.5, 0.9], perCell: q ? 1 : 4, seed: 7, maxNewTokens: 6 };
+  const niah: Partial<DemoResult['niah']> = {};
+  const heldOutText = pretrainCorpus(q ? 8 : 64, 4242, corpusOptions).map((r) => r.text);
+  const crossEntropyOn = (model: CausalLM) => heldOutCrossEntropy(model, tokenizer, heldOutText);
 
   const losses: Record<string, { step: number; loss: number }[]> = {};
   let bar: ReturnType<NonNullable<DemoOptions['progress']>> | null = null;
+  const stopBar = () => {
+    bar?.stop();
+    bar = null;
+  };
   log(`tunekit demo -> ${out}`);
   await runRecipe(recipe, {
     onStageStart: (stage, i) => {
-      bar?.stop();
-      log(`stage '${stage.name}' (${stage.type}${'lora' in stage && stage.lora ? ', QLoRA: NF4 base + LoRA r=16' : ', from scratch'}): ${i.steps} steps, ${(i.trainable / 1e6).toFixed(2)}M trainable parameters`);
-      bar = options.progress?.(stage.name) ?? null;
+      stopBar();
+      log(`stage '${stage.name}' (${describeStage(stage)})${stage.type === 'average' ? '' : `: ${i.steps} steps, ${(i.trainable / 1e6).toFixed(2)}M trainable parameters`}`);
+      if (stage.type !== 'average') bar = options.progress?.(stage.name) ?? null;
     },
     onProgress: (stage, e) => {
       (losses[stage.name] ??= []).push({ step: e.step, loss: e.loss });
       bar?.update(e);
     },
-    afterStage: async (stage, model, tokenizer) => {
-      bar?.stop();
-      bar = null;
-      await measure(model, tokenizer, stage.name === 'pretrain' ? 'before SFT' : 'after SFT');
+    beforeStage: async (stage, model) => {
+      if (stage.name === 'dpo') preference.beforeDpo = await preferenceAccuracy(model, heldOutPairs, { seqLen: 64 });
+      if (stage.name === 'extend') niah.before = await evaluateNiah(model, tokenizer, niahOptions);
+    },
+    afterStage: async (stage, model) => {
+      stopBar();
+      if (stage.name === 'pretrain') await measureTasks(model, tokenizer, 'after pretraining (before SFT)');
+      if (stage.name === 'sft') await measureTasks(model, tokenizer, 'after SFT');
+      if (stage.name === 'dpo') {
+        await measureTasks(model, tokenizer, 'after DPO');
+        preference.afterDpo = await preferenceAccuracy(model, heldOutPairs, { seqLen: 64 });
+        log(`  preference accuracy on held-out pairs: ${(100 * preference.beforeDpo!).toFixed(1)}% before DPO, ${(100 * preference.afterDpo).toFixed(1)}% after`);
+      }
+      if (stage.name === 'extend') niah.after = await evaluateNiah(model, tokenizer, niahOptions);
     },
   });
+  // The average is not trained: measure it from its directory.
+  const averaged = await loadModel(join(out, 'run', 'average', 'model'));
+  try {
+    await measureTasks(averaged, tokenizer, 'per-phase average (SFT, DPO)');
+    preference.average = await preferenceAccuracy(averaged, heldOutPairs, { seqLen: 64 });
+  } finally {
+    averaged.dispose();
+  }
+  const students: Record<string, number> = {};
+  for (const name of ['distill', 'scratch']) {
+    const m = await loadModel(join(out, 'run', name, 'model'));
+    students[name] = crossEntropyOn(m);
+    m.dispose();
+  }
   const seconds = (performance.now() - started) / 1e3;
-  const table = TASKS.map(({ name }) => ({ task: name, before: accuracy[name]![0]!, after: accuracy[name]![1]!, n: evalN }));
 
-  const report = join(out, 'report.html');
-  await writeReport(report, {
-    title: 'tunekit demo',
-    subtitle: `A ${'tiny'} Llama pretrained from scratch, then QLoRA-SFT, on the CPU in ${seconds.toFixed(0)} s`,
-    sections: [
-      {
-        heading: 'Exact-match accuracy on held-out prompts',
-        text: `${evalN} prompts per task that no training record contains, answered greedily through the chat template.`,
-        table: { columns: ['task', 'before SFT', 'after SFT'], rows: table.map((r) => [r.task, `${(100 * r.before).toFixed(1)}%`, `${(100 * r.after).toFixed(1)}%`]) },
-        svg: barChartSvg({
-          title: 'Accuracy before and after QLoRA SFT',
-          groups: table.map((r) => r.task),
-          series: [
-            { name: 'before SFT', values: table.map((r) => 100 * r.before) },
-            { name: 'after SFT', values: table.map((r) => 100 * r.after) },
-          ],
-          yLabel: '% exact match',
-        }),
-      },
-      ...Object.entries(losses).map(([name, points]) => ({
-        heading: `Training loss: ${name}`,
-        svg: lineChartSvg({ title: `${name} loss`, xLabel: 'step', yLabel: 'cross entropy (nats/token)', series: [{ name, points: points.map((p) => [p.step, p.loss] as const) }] }),
-      })),
-    ],
-  });
+  const result: DemoResult = {
+    accuracy: TASKS.map(({ name }) => ({ task: name, beforeSft: accuracy[name]![0]!, afterSft: accuracy[name]![1]!, afterDpo: accuracy[name]![2]!, average: accuracy[name]![3]! })),
+    preference: preference as DemoResult['preference'],
+    niah: niah as DemoResult['niah'],
+    distill: { distilled: students.distill!, scratch: students.scratch! },
+    losses,
+    seconds,
+    report: join(out, 'report.html'),
+  };
+  await writeDemoReport(result, evalN);
+  printSummary(result, log);
+  return result;
+}
+
+function describeStage(stage: StageConfig): string {
+  switch (stage.type) {
+    case 'pretrain':
+      return stage.rope ? 'pretrain: ABF RoPE 10k -> 100k at 256 tokens, with replay' : 'pretrain from scratch at 128 tokens';
+    case 'sft':
+      return 'SFT with QLoRA: NF4 base + LoRA r=16';
+    case 'dpo':
+      return 'DPO with LoRA';
+    case 'average':
+      return `per-phase average of ${stage.stages.join(' and ')}`;
+    case 'distill':
+      return stage.alpha === 1 ? 'micro student from scratch, cross entropy only' : 'micro student distilled from the extended model';
+  }
+}
+
+/** Mean cross entropy per token (nats) of a model on held-out texts. */
+function heldOutCrossEntropy(model: CausalLM, tokenizer: Tokenizer, texts: readonly string[]): number {
+  let sum = 0;
+  let count = 0;
+  for (const text of texts) {
+    const ids = tokenizer.encode(text).slice(0, 128);
+    if (ids.length < 2) continue;
+    const targets = ids.map((_, i) => (i + 1 < ids.length ? ids[i + 1]! : -100));
+    sum += tidy(() => noGrad(() => crossEntropy(model.forward(tensor(Int32Array.from(ids), [1, ids.length])), tensor(Int32Array.from(targets), [1, ids.length]), { reduction: 'sum' }).toArraySync()[0]!));
+    count += ids.length - 1;
+  }
+  return sum / count;
+}
+
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+
+function printSummary(r: DemoResult, log: (line: string) => void): void {
   log('');
-  log('task                        before SFT   after SFT');
-  for (const r of table) log(`${r.task.padEnd(28)}${`${(100 * r.before).toFixed(1)}%`.padStart(10)}${`${(100 * r.after).toFixed(1)}%`.padStart(12)}`);
-  log(`\nwall time ${seconds.toFixed(0)} s; report: ${report}`);
-  return { table, losses, seconds, report };
+  log('exact match on held-out prompts   before SFT  after SFT  after DPO  average');
+  for (const a of r.accuracy) log(`${a.task.padEnd(32)}${pct(a.beforeSft).padStart(11)}${pct(a.afterSft).padStart(11)}${pct(a.afterDpo).padStart(11)}${pct(a.average).padStart(9)}`);
+  log(`preference accuracy (held-out pairs): ${pct(r.preference.beforeDpo)} before DPO, ${pct(r.preference.afterDpo)} after, ${pct(r.preference.average)} for the average`);
+  const beyond = (rep: NiahReport) => rep.cells.filter((c) => c.length > 128);
+  const recall = (rep: NiahReport) => beyond(rep).reduce((a, c) => a + c.correct, 0) / Math.max(1, beyond(rep).reduce((a, c) => a + c.total, 0));
+  const loglik = (rep: NiahReport) => beyond(rep).reduce((a, c) => a + c.logLikelihood, 0) / Math.max(1, beyond(rep).length);
+  log(`needle recall beyond 128 tokens: ${pct(recall(r.niah.before))} before ABF extension, ${pct(recall(r.niah.after))} after (needle log-likelihood ${loglik(r.niah.before).toFixed(2)} -> ${loglik(r.niah.after).toFixed(2)})`);
+  log(`held-out cross entropy of a micro student: distilled ${r.distill.distilled.toFixed(3)} vs from scratch ${r.distill.scratch.toFixed(3)} nats/token (same tokens)`);
+  log(`\nwall time ${r.seconds.toFixed(0)} s; report: ${r.report}`);
+}
+
+async function writeDemoReport(r: DemoResult, evalN: number): Promise<void> {
+  const sections: ReportSection[] = [
+    {
+      heading: 'Exact-match accuracy on held-out prompts',
+      text: `${evalN} prompts per task that no training record contains, answered greedily through the chat template.`,
+      table: { columns: ['task', 'before SFT', 'after SFT', 'after DPO', 'average (SFT, DPO)'], rows: r.accuracy.map((a) => [a.task, pct(a.beforeSft), pct(a.afterSft), pct(a.afterDpo), pct(a.average)]) },
+      svg: barChartSvg({
+        title: 'Accuracy by phase',
+        groups: r.accuracy.map((a) => a.task),
+        series: [
+          { name: 'before SFT', values: r.accuracy.map((a) => 100 * a.beforeSft) },
+          { name: 'after SFT', values: r.accuracy.map((a) => 100 * a.afterSft) },
+          { name: 'after DPO', values: r.accuracy.map((a) => 100 * a.afterDpo) },
+          { name: 'average', values: r.accuracy.map((a) => 100 * a.average) },
+        ],
+        yLabel: '% exact match',
+      }),
+    },
+    {
+      heading: 'DPO: preference accuracy on held-out pairs',
+      text: 'The fraction of held-out pairs (the correct sum against a near miss) whose correct answer the model finds more likely.',
+      table: { columns: ['before DPO', 'after DPO', 'per-phase average'], rows: [[pct(r.preference.beforeDpo), pct(r.preference.afterDpo), pct(r.preference.average)]] },
+    },
+    { heading: 'Needle recall before ABF context extension', text: 'The model was pretrained at 128 tokens; haystacks up to 250 characters (tokens).', svg: niahHeatmapSvg(r.niah.before, { metric: 'exact', title: 'before: exact match' }) },
+    { heading: 'Needle recall after ABF context extension (RoPE base 100k, 256 tokens)', svg: niahHeatmapSvg(r.niah.after, { metric: 'exact', title: 'after: exact match' }) },
+    { heading: 'Needle log-likelihood after extension', svg: niahHeatmapSvg(r.niah.after, { metric: 'logLikelihood', title: 'after: log p(needle value)' }) },
+    {
+      heading: 'Distillation: a micro student on the same token budget',
+      table: { columns: ['student', 'held-out cross entropy (nats/token)'], rows: [['distilled from the extended tiny model', r.distill.distilled.toFixed(3)], ['trained from scratch', r.distill.scratch.toFixed(3)]] },
+    },
+    ...Object.entries(r.losses).map(([name, points]) => ({
+      heading: `Training loss: ${name}`,
+      svg: lineChartSvg({ title: `${name} loss`, xLabel: 'step', yLabel: 'loss', series: [{ name, points: points.map((p) => [p.step, p.loss] as const) }] }),
+    })),
+  ];
+  await writeReport(r.report, { title: 'tunekit demo', subtitle: `The recipe book on a toy world, on the CPU, in ${r.seconds.toFixed(0)} s`, sections });
 }
