@@ -3,12 +3,12 @@
 //   pretrain   a tiny Llama from scratch (byte-level tokenizer) on prose, solved sums and
 //              key-value lines, at 128 tokens;
 //   sft        QLoRA (NF4 base, LoRA on every linear layer) on chat-formatted instructions;
-//   dpo        LoRA DPO on preference pairs (the correct sum against a near miss);
+//   dpo        LoRA DPO on key-value recall pairs (the right value against another key's);
 //   average    the per-phase average of the SFT and DPO models;
 //   extend     ABF context extension: RoPE base 10k -> 100k and training at 256 tokens on
 //              needle documents, with replay of the pretraining corpus;
-//   distill    a micro student taught by the extended model (forward KL at T = 2, mixed with
-//              cross entropy), against a micro student trained from scratch on the same tokens.
+//   distill    a mini student taught by the pretrained model (forward KL, mixed with cross
+//              entropy), against a mini student trained from scratch on the same tokens.
 // Each phase reports the number that shows its effect, measured on held-out data: exact-match
 // accuracy, preference accuracy, needle recall and likelihood beyond the original length, held-out
 // cross entropy. The HTML report holds the loss curves, the tables and the NIAH heatmaps.
@@ -67,7 +67,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   const corpusOptions = { mix: { arithmetic: 4, keyValue: 3, prose: 2 }, arithmetic: { max: 49, ops: ['+' as const] }, keyValue: { pairs: 3 } };
   await writeJsonl(join(data, 'pretrain.jsonl'), pretrainCorpus(q ? 200 : 20000, 1, corpusOptions));
   await writeJsonl(join(data, 'sft.jsonl'), TASKS.flatMap(({ task }, i) => instructionSet(task, q ? 100 : 5000, 10 + i, { form: 'messages' })));
-  await writeJsonl(join(data, 'prefs.jsonl'), preferenceSet(TASKS[0]!.task, q ? 64 : 2000, 20, { form: 'messages' }));
+  await writeJsonl(join(data, 'prefs.jsonl'), preferenceSet(TASKS[1]!.task, q ? 64 : 2000, 20, { form: 'messages' }));
   await writeJsonl(join(data, 'long.jsonl'), needleCorpus(q ? 50 : 3000, 30, { length: [120, 160, 200, 240] }));
   const evalN = q ? 16 : 200;
   const S = (full: number, quick: number) => (q ? quick : full);
@@ -78,14 +78,15 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       output: join(out, 'run'),
       seed: 1,
       stages: [
-        { name: 'pretrain', type: 'pretrain', data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(900, 6), lr: 3e-3, warmupSteps: S(50, 1) },
-        { name: 'sft', type: 'sft', data: join(data, 'sft.jsonl'), seqLen: 128, batchSize: 16, steps: S(450, 4), lr: 2e-3, warmupSteps: S(20, 1), lora: { r: 16, alpha: 32, targetModules: 'all-linear', quantize: 'nf4' } },
-        { name: 'dpo', type: 'dpo', data: join(data, 'prefs.jsonl'), seqLen: 64, batchSize: 16, steps: S(120, 3), lr: 1e-3, beta: 0.2, lora: { r: 16, alpha: 32, targetModules: 'all-linear' } },
+        { name: 'pretrain', type: 'pretrain', data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(1000, 6), lr: 3e-3, warmupSteps: S(50, 1) },
+        { name: 'sft', type: 'sft', data: join(data, 'sft.jsonl'), seqLen: 128, batchSize: 16, steps: S(600, 4), lr: 2e-3, warmupSteps: S(20, 1), lora: { r: 16, alpha: 32, targetModules: 'all-linear', quantize: 'nf4' } },
+        { name: 'dpo', type: 'dpo', data: join(data, 'prefs.jsonl'), seqLen: 64, batchSize: 16, steps: S(80, 3), lr: 1e-3, beta: 0.3, lora: { r: 16, alpha: 32, targetModules: 'all-linear' } },
         { name: 'average', type: 'average', stages: ['sft', 'dpo'] },
         { name: 'extend', type: 'pretrain', data: join(data, 'long.jsonl'), replay: { data: join(data, 'pretrain.jsonl'), ratio: 0.25 }, seqLen: 256, batchSize: 8, steps: S(200, 3), lr: 1e-3, warmupSteps: S(10, 1), rope: { theta: 100000 } },
-        { name: 'distill', type: 'distill', teacher: join(out, 'run', 'extend', 'model'), student: { preset: 'micro', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(250, 3), lr: 3e-3, alpha: 0.3, kind: 'forward_kl', temperature: 2 },
+        // The teacher is the pretrained tiny model: it knows the corpus the students learn.
+        { name: 'distill', type: 'distill', teacher: join(out, 'run', 'pretrain', 'model'), student: { preset: 'mini', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(150, 3), lr: 3e-3, alpha: 0.8, kind: 'forward_kl', temperature: 1 },
         // The baseline: the same student, the same tokens, only cross entropy (alpha = 1).
-        { name: 'scratch', type: 'distill', teacher: join(out, 'run', 'extend', 'model'), student: { preset: 'micro', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(250, 3), lr: 3e-3, alpha: 1 },
+        { name: 'scratch', type: 'distill', teacher: join(out, 'run', 'pretrain', 'model'), student: { preset: 'mini', seed: 5 }, data: join(data, 'pretrain.jsonl'), seqLen: 128, batchSize: 16, steps: S(150, 3), lr: 3e-3, alpha: 1 },
       ],
     },
     'demo recipe',
@@ -102,7 +103,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     }
   };
   const tokenizer = new ByteTokenizer();
-  const heldOutPairs: TokenizedPair[] = await readPreferences(preferenceSet(TASKS[0]!.task, evalN, 21, { form: 'messages', split: 'eval' }), tokenizer);
+  const heldOutPairs: TokenizedPair[] = await readPreferences(preferenceSet(TASKS[1]!.task, evalN, 21, { form: 'messages', split: 'eval' }), tokenizer);
   const preference: Partial<DemoResult['preference']> = {};
   const niahOptions = { lengths: q ? [100] : [100, 160, 220, 250], depths: q ? [0.5] : [0.1, 0.5, 0.9], perCell: q ? 1 : 4, seed: 7, maxNewTokens: 6 };
   const niah: Partial<DemoResult['niah']> = {};
@@ -183,7 +184,7 @@ function describeStage(stage: StageConfig): string {
     case 'average':
       return `per-phase average of ${stage.stages.join(' and ')}`;
     case 'distill':
-      return stage.alpha === 1 ? 'micro student from scratch, cross entropy only' : 'micro student distilled from the extended model';
+      return stage.alpha === 1 ? 'mini student from scratch, cross entropy only' : 'mini student distilled from the pretrained model';
   }
 }
 
@@ -212,7 +213,7 @@ function printSummary(r: DemoResult, log: (line: string) => void): void {
   const recall = (rep: NiahReport) => beyond(rep).reduce((a, c) => a + c.correct, 0) / Math.max(1, beyond(rep).reduce((a, c) => a + c.total, 0));
   const loglik = (rep: NiahReport) => beyond(rep).reduce((a, c) => a + c.logLikelihood, 0) / Math.max(1, beyond(rep).length);
   log(`needle recall beyond 128 tokens: ${pct(recall(r.niah.before))} before ABF extension, ${pct(recall(r.niah.after))} after (needle log-likelihood ${loglik(r.niah.before).toFixed(2)} -> ${loglik(r.niah.after).toFixed(2)})`);
-  log(`held-out cross entropy of a micro student: distilled ${r.distill.distilled.toFixed(3)} vs from scratch ${r.distill.scratch.toFixed(3)} nats/token (same tokens)`);
+  log(`held-out cross entropy of a mini student: distilled ${r.distill.distilled.toFixed(3)} vs from scratch ${r.distill.scratch.toFixed(3)} nats/token (same tokens)`);
   log(`\nwall time ${r.seconds.toFixed(0)} s; report: ${r.report}`);
 }
 
@@ -236,15 +237,15 @@ async function writeDemoReport(r: DemoResult, evalN: number): Promise<void> {
     },
     {
       heading: 'DPO: preference accuracy on held-out pairs',
-      text: 'The fraction of held-out pairs (the correct sum against a near miss) whose correct answer the model finds more likely.',
+      text: 'The fraction of held-out key-value pairs (the right value against another key\'s) whose right answer the model finds more likely.',
       table: { columns: ['before DPO', 'after DPO', 'per-phase average'], rows: [[pct(r.preference.beforeDpo), pct(r.preference.afterDpo), pct(r.preference.average)]] },
     },
     { heading: 'Needle recall before ABF context extension', text: 'The model was pretrained at 128 tokens; haystacks up to 250 characters (tokens).', svg: niahHeatmapSvg(r.niah.before, { metric: 'exact', title: 'before: exact match' }) },
     { heading: 'Needle recall after ABF context extension (RoPE base 100k, 256 tokens)', svg: niahHeatmapSvg(r.niah.after, { metric: 'exact', title: 'after: exact match' }) },
     { heading: 'Needle log-likelihood after extension', svg: niahHeatmapSvg(r.niah.after, { metric: 'logLikelihood', title: 'after: log p(needle value)' }) },
     {
-      heading: 'Distillation: a micro student on the same token budget',
-      table: { columns: ['student', 'held-out cross entropy (nats/token)'], rows: [['distilled from the extended tiny model', r.distill.distilled.toFixed(3)], ['trained from scratch', r.distill.scratch.toFixed(3)]] },
+      heading: 'Distillation: a mini student on the same token budget',
+      table: { columns: ['student', 'held-out cross entropy (nats/token)'], rows: [['distilled from the pretrained tiny model', r.distill.distilled.toFixed(3)], ['trained from scratch', r.distill.scratch.toFixed(3)]] },
     },
     ...Object.entries(r.losses).map(([name, points]) => ({
       heading: `Training loss: ${name}`,

@@ -166,6 +166,8 @@ function toRopeScaling(s: z.infer<typeof ropeScalingSchema>, where: string, key:
 export const PRESETS = {
   /** ~0.1M parameters: unit tests. */
   micro: { hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256 },
+  /** ~0.15M parameters: small students (the demo's distillation). */
+  mini: { hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512 },
   /** ~1M parameters: the CPU demo. */
   tiny: { hidden_size: 128, intermediate_size: 352, num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 1024 },
   /** ~3.5M parameters: the training benchmark's shape (d = 256, 4 layers, 8 heads / 4 KV heads). */

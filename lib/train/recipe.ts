@@ -112,7 +112,7 @@ const distillStage = z.strictObject({
   /** The teacher: a model directory (a model this recipe wrote, or any Hugging Face directory). */
   teacher: z.string().min(1),
   /** A fresh student instead of the previous stage's model. */
-  student: z.strictObject({ preset: z.enum(['micro', 'tiny', 'small']), seed: nonNegativeInt.optional() }).optional(),
+  student: z.strictObject({ preset: z.enum(['micro', 'mini', 'tiny', 'small']), seed: nonNegativeInt.optional() }).optional(),
   alpha: z.number().min(0).max(1).default(0.5),
   kind: z.enum(['forward_kl', 'reverse_kl', 'jsd']).default('forward_kl'),
   temperature: z.number().positive().default(1),
@@ -132,7 +132,7 @@ export const stageSchema = z.discriminatedUnion('type', [pretrainStage, sftStage
 
 export const recipeSchema = z.strictObject({
   /** A Hugging Face model directory, or a preset to build from scratch (with a byte-level tokenizer). */
-  model: z.union([z.string().min(1), z.strictObject({ preset: z.enum(['micro', 'tiny', 'small']), seed: nonNegativeInt.optional() })]),
+  model: z.union([z.string().min(1), z.strictObject({ preset: z.enum(['micro', 'mini', 'tiny', 'small']), seed: nonNegativeInt.optional() })]),
   /** Where each stage writes <output>/<stage name>/. */
   output: z.string().min(1),
   seed: nonNegativeInt.default(0),

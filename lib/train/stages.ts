@@ -187,7 +187,7 @@ async function runTrainingStage(recipe: Recipe, stage: TrainingStage, index: num
   // The tokenizer comes with the model directory; a preset starts with the byte-level one.
   const tokenizer: Tokenizer = previousDir ? await loadTokenizer(previousDir) : new ByteTokenizer();
   const quantize = stage.lora?.quantize;
-  const fresh = stage.type === 'distill' && stage.student ? stage.student : !previousDir ? (recipe.model as { preset: 'micro' | 'tiny' | 'small'; seed?: number }) : null;
+  const fresh = stage.type === 'distill' && stage.student ? stage.student : !previousDir ? (recipe.model as { preset: 'micro' | 'mini' | 'tiny' | 'small'; seed?: number }) : null;
   const model: CausalLM = fresh
     ? createModel({ preset: fresh.preset, vocabSize: tokenizer.vocabSize }, { seed: fresh.seed ?? seed })
     : await loadModel(previousDir!, quantize ? { quantize } : {});
