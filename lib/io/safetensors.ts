@@ -4,10 +4,9 @@
 // its bytes, so opening a 100 GB checkpoint costs its headers and reading one tensor costs that
 // tensor. Writes go to a temporary file that is synced and renamed, so a crash leaves either the
 // old file or the new one, never half of one.
-import { randomBytes } from 'node:crypto';
 import { constants as bufferConstants } from 'node:buffer';
-import { open, readdir, rename, unlink, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { open, readdir, unlink, type FileHandle } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 
 import {
   SafetensorsError,
@@ -22,6 +21,7 @@ import {
   type SafetensorsTensorInput,
   type SafetensorsTensors,
 } from './safetensors-format.js';
+import { writeFileAtomic } from './atomic.js';
 import { JsonNumber, JsonObject, JsonSyntaxError, describeJson, parseJson, type JsonValue } from './safetensors-json.js';
 
 export {
@@ -526,40 +526,19 @@ function escapeRegExp(s: string): string {
 
 /** Writes `chunks` to a temporary file next to `path`, syncs it, and renames it over `path`. */
 async function writeAtomically(path: string, chunks: readonly Uint8Array[]): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
-  let fh: FileHandle | undefined;
   try {
-    fh = await open(tmp, 'wx');
-    let position = 0;
-    for (const chunk of chunks) {
-      let done = 0;
-      while (done < chunk.length) {
-        const { bytesWritten } = await fh.write(chunk, done, Math.min(chunk.length - done, IO_CHUNK), position);
-        done += bytesWritten;
-        position += bytesWritten;
+    await writeFileAtomic(path, async (fh) => {
+      let position = 0;
+      for (const chunk of chunks) {
+        let done = 0;
+        while (done < chunk.length) {
+          const { bytesWritten } = await fh.write(chunk, done, Math.min(chunk.length - done, IO_CHUNK), position);
+          done += bytesWritten;
+          position += bytesWritten;
+        }
       }
-    }
-    await fh.sync();
-    await fh.close();
-    fh = undefined;
-    await rename(tmp, path);
+    });
   } catch (e) {
-    await fh?.close().catch(() => {});
-    await unlink(tmp).catch(() => {});
     throw new SafetensorsError(`cannot write: ${(e as Error).message}`, { path, reason: 'io', cause: e });
-  }
-  await syncDirectory(dirname(path));
-}
-
-/** Makes the rename itself durable; platforms that cannot sync a directory (Windows) skip it. */
-async function syncDirectory(dir: string): Promise<void> {
-  let fh: FileHandle | undefined;
-  try {
-    fh = await open(dir, 'r');
-    await fh.sync();
-  } catch {
-    // Opening or syncing a directory is unsupported on some platforms; the data itself is synced.
-  } finally {
-    await fh?.close().catch(() => {});
   }
 }

@@ -11,10 +11,10 @@
 // and accumulating in doubles and rounding once at the end makes the result the exact weighted
 // mean rounded to the output dtype (within a few float64 ulps), independent of the order of the
 // checkpoints. A float32 accumulator would round after every addition instead.
-import { randomBytes } from 'node:crypto';
-import { copyFile, mkdir, open, readFile, readdir, realpath, rename, rm, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 
+import { syncDirectory, temporaryPath, writeFileAtomic, writeTextAtomic } from '../io/atomic.js';
 import { openCheckpoint, type SafetensorsCheckpoint } from '../io/safetensors.js';
 import { MAX_HEADER_BYTES, SAFETENSORS_DTYPES, formatShape, quote, type SafetensorsDType, type SafetensorsTensorInfo } from '../io/safetensors-format.js';
 import { ConfigError, parseConfig, type ModelConfig } from './config.js';
@@ -477,7 +477,7 @@ class PendingFile {
   }
 
   static async create(path: string, size: number): Promise<PendingFile> {
-    const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
+    const tmp = temporaryPath(path);
     try {
       return new PendingFile(path, tmp, await open(tmp, 'wx'), size);
     } catch (err) {
@@ -519,39 +519,15 @@ class PendingFile {
   }
 }
 
-/** Makes a rename durable; platforms that cannot sync a directory skip it. */
-async function syncDirectory(dir: string): Promise<void> {
-  let fh: FileHandle | undefined;
-  try {
-    fh = await open(dir, 'r');
-    await fh.sync();
-  } catch {
-    // Unsupported on some platforms (Windows); the file data itself is synced.
-  } finally {
-    await fh?.close().catch(() => {});
-  }
-}
-
 async function isFile(path: string): Promise<boolean> {
   return (await stat(path).catch(() => null))?.isFile() ?? false;
-}
-
-async function replaceAtomically(path: string, write: (tmp: string) => Promise<void>): Promise<void> {
-  const tmp = join(dirname(path), `.${path.slice(dirname(path).length + 1)}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
-  try {
-    await write(tmp);
-    await rename(tmp, path);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
 }
 
 async function copyTokenizer(from: string, out: string): Promise<void> {
   for (const f of TOKENIZER_FILES) {
     const src = join(from, f);
     if (!(await isFile(src))) continue;
-    await replaceAtomically(join(out, f), (tmp) => copyFile(src, tmp));
+    await writeFileAtomic(join(out, f), async (fh) => fh.writeFile(await readFile(src)));
   }
 }
 
@@ -568,5 +544,5 @@ async function writeConfig(out: string, text: string, plan: readonly PlannedTens
     if ('dtype' in raw) raw.dtype = name;
     if ('torch_dtype' in raw || !('dtype' in raw)) raw.torch_dtype = name;
   }
-  await replaceAtomically(join(out, 'config.json'), (tmp) => writeFile(tmp, JSON.stringify(raw, null, 2) + '\n'));
+  await writeTextAtomic(join(out, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
 }

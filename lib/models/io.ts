@@ -5,9 +5,10 @@
 // unallocated, then streams the checkpoint tensor by tensor: each is checked against the name and
 // shape the config implies (errors name the tensor), converted to the requested dtype, and, with
 // quantize: 'nf4', quantized at once, so the dense copy of only one weight exists at a time.
-import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
+import { writeFileAtomic, writeTextAtomic } from '../io/atomic.js';
 import { openCheckpoint, writeShardedSafetensors } from '../io/safetensors.js';
 import { safetensorsDTypeOf, tunekitDTypeOf, type SafetensorsTensorInfo } from '../io/safetensors-format.js';
 import { quantize } from '../nf4.js';
@@ -211,18 +212,11 @@ export async function saveModel(model: CausalLM & { sourceDir?: string }, dir: s
       for (const f of TOKENIZER_FILES) {
         const src = join(from, f);
         if (!(await stat(src).catch(() => null))) continue;
-        const tmp = join(dir, `.${f}.tmp-${process.pid}`);
-        await copyFile(src, tmp);
-        await rename(tmp, join(dir, f));
+        await writeFileAtomic(join(dir, f), async (fh) => fh.writeFile(await readFile(src)));
       }
     }
   }
-  const tmp = join(dir, `.config.json.tmp-${process.pid}`);
-  await writeFile(tmp, JSON.stringify(raw, null, 2) + '\n');
-  await rename(tmp, join(dir, 'config.json')).catch(async (err) => {
-    await rm(tmp, { force: true });
-    throw err;
-  });
+  await writeTextAtomic(join(dir, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
 }
 
 /** @internal Raw bytes of a tensor (bf16 as bits). */

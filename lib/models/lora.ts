@@ -6,9 +6,10 @@
 //                            base_model.model.<module>.lora_B.weight [out, r]
 // The scale is alpha / r, or alpha / sqrt(r) with rsLoRA. Applying LoRA freezes every base
 // parameter; A starts random and B at zero, so the model is unchanged until it trains.
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
+import { writeTextAtomic } from '../io/atomic.js';
 import { openCheckpoint, writeSafetensors } from '../io/safetensors.js';
 import { safetensorsDTypeOf } from '../io/safetensors-format.js';
 import { owned } from '../nn/module.js';
@@ -131,12 +132,7 @@ export async function saveAdapter(model: CausalLM & { sourceDir?: string }, dir:
     use_dora: false,
   };
   await writeSafetensors(join(dir, 'adapter_model.safetensors'), entries, { format: 'pt' });
-  const tmp = join(dir, `.adapter_config.json.tmp-${process.pid}`);
-  await writeFile(tmp, JSON.stringify(config, null, 2) + '\n');
-  await rename(tmp, join(dir, 'adapter_config.json')).catch(async (err) => {
-    await rm(tmp, { force: true });
-    throw err;
-  });
+  await writeTextAtomic(join(dir, 'adapter_config.json'), JSON.stringify(config, null, 2) + '\n');
 }
 
 /**

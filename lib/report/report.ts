@@ -1,8 +1,10 @@
 // The training report: one self-contained HTML file (inline CSS, inline SVG, no scripts, no
 // external resources) so it can be mailed, archived beside a checkpoint, or opened offline.
 
-import { mkdir, open, rename, rm } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
+
+import { writeTextAtomic } from '../io/atomic.js';
 
 import { escapeXml, formatNumber } from './escape.js';
 
@@ -110,7 +112,6 @@ function renderTable(table: ReportTable, heading: string, index: number): string
   return `<div class="table"><table>\n<thead><tr>${head}</tr></thead>\n<tbody>\n${body}\n</tbody>\n</table></div>`;
 }
 
-let tempCounter = 0;
 
 /**
  * Writes a report (or an already rendered HTML string) to `path`, creating parent directories.
@@ -119,23 +120,6 @@ let tempCounter = 0;
  */
 export async function writeReport(path: string, report: Report | string): Promise<void> {
   const html = typeof report === 'string' ? report : renderReport(report);
-  const dir = dirname(path);
-  await mkdir(dir, { recursive: true });
-  const temp = join(dir, `.${basename(path)}.${process.pid}.${tempCounter++}.tmp`);
-  const file = await open(temp, 'wx');
-  try {
-    await file.writeFile(html, 'utf8');
-    await file.sync();
-    await file.close();
-  } catch (err) {
-    await file.close().catch(() => undefined);
-    await rm(temp, { force: true });
-    throw err;
-  }
-  try {
-    await rename(temp, path);
-  } catch (err) {
-    await rm(temp, { force: true });
-    throw err;
-  }
+  await mkdir(dirname(path), { recursive: true });
+  await writeTextAtomic(path, html);
 }

@@ -1,10 +1,10 @@
 // Writes records as JSON Lines. The file appears under its name only when complete (written to a
-// temporary name in the same directory, flushed, then renamed), so a trainer started beside an
+// temporary name in the same directory, synced, then renamed: lib/io/atomic.ts), so a trainer started beside an
 // interrupted demo never reads half a data set.
-import { mkdir, open, rename, rm } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
 
-let tempCounter = 0;
+import { writeFileAtomic } from '../../io/atomic.js';
 
 // Strings are gathered into chunks of about this many characters, so a long-context corpus costs a
 // bounded amount of memory beyond the records themselves and few write calls.
@@ -15,12 +15,9 @@ const CHUNK_CHARS = 1 << 20;
  * of records written. Records must be plain objects: every JSONL shape a trainer reads is one.
  */
 export async function writeJsonl(path: string, records: Iterable<unknown>): Promise<number> {
-  const dir = dirname(path);
-  await mkdir(dir, { recursive: true });
-  const temp = join(dir, `.${basename(path)}.${process.pid}.${tempCounter++}.tmp`);
-  const file = await open(temp, 'wx');
+  await mkdir(dirname(path), { recursive: true });
   let count = 0;
-  try {
+  await writeFileAtomic(path, async (file) => {
     let chunk = '';
     for (const record of records) {
       if (record === null || typeof record !== 'object' || Array.isArray(record)) {
@@ -40,18 +37,6 @@ export async function writeJsonl(path: string, records: Iterable<unknown>): Prom
       }
     }
     if (chunk.length > 0) await file.write(chunk);
-    await file.sync();
-    await file.close();
-  } catch (err) {
-    await file.close().catch(() => undefined);
-    await rm(temp, { force: true });
-    throw err;
-  }
-  try {
-    await rename(temp, path);
-  } catch (err) {
-    await rm(temp, { force: true });
-    throw err;
-  }
+  });
   return count;
 }
