@@ -10,7 +10,22 @@
 #include "../cpu/gemm.h"
 #include "../cpu/norm.h"
 #ifdef TUNEKIT_WITH_CUDA
+#include "../cuda/attention_kernels.h"
 #include "../cuda/device.h"
+#include "../cuda/elementwise_kernels.h"
+#include "../cuda/gemm_kernels.h"
+#include "../cuda/linear_loss_kernels.h"
+#include "../cuda/loss_kernels.h"
+#include "../cuda/nf4_kernels.h"
+#include "../cuda/norm_kernels.h"
+#include "../cuda/ops_glue.h"
+#include "../cuda/optim_kernels.h"
+#include "../cuda/qlora_kernels.h"
+// The CUDA column of a launch: `call` runs on the caller's thread and issues its work on the
+// device queue's stream (named `stream` inside `call`).
+#define TK_CUDA(call) [=](Queue& tk_queue) { void* stream = cuda::stream_of(tk_queue); call; }
+#else
+#define TK_CUDA(call) nullptr
 #endif
 
 namespace tk {
@@ -133,7 +148,7 @@ TensorPtr full(const std::vector<int64_t>& shape, DType dtype, Device dev, doubl
   Runtime::get().check_device(dev);
   TensorPtr t = empty(shape, dtype, dev);
   TensorView out = t->view();
-  launch("full", dev, {[=](ThreadPool& pool) { fill_cpu(out, value, pool); }, nullptr});
+  launch("full", dev, {[=](ThreadPool& pool) { fill_cpu(out, value, pool); }, TK_CUDA(fill_cuda(out, value, stream))});
   return t;
 }
 
@@ -143,7 +158,7 @@ TensorPtr randn(const std::vector<int64_t>& shape, DType dtype, Device dev, uint
   Runtime::get().check_device(dev);
   TensorPtr t = empty(shape, dtype, dev);
   TensorView out = t->view();
-  launch("randn", dev, {[=](ThreadPool& pool) { randn_cpu(out, seed, mean, std, pool); }, nullptr});
+  launch("randn", dev, {[=](ThreadPool& pool) { randn_cpu(out, seed, mean, std, pool); }, TK_CUDA(randn_cuda(out, seed, mean, std, stream))});
   return t;
 }
 
@@ -193,7 +208,7 @@ TensorPtr to_device(const Tensor& t, Device dev) {
 TensorPtr cast(const Tensor& t, DType dtype) {
   TensorPtr out = empty(t.shape(), dtype, t.device());
   TensorView src = t.view(), dst = out->view();
-  launch("cast", t.device(), {[=](ThreadPool& pool) { copy_cpu(src, dst, pool); }, nullptr});
+  launch("cast", t.device(), {[=](ThreadPool& pool) { copy_cpu(src, dst, pool); }, TK_CUDA(copy_cuda(src, dst, stream))});
   return out;
 }
 
@@ -223,7 +238,7 @@ TensorPtr permute(const Tensor& t, const std::vector<int>& perm) {
   }
   TensorPtr out = empty(out_shape, t.dtype(), t.device());
   TensorView dst = out->view();
-  launch("permute", t.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  launch("permute", t.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, TK_CUDA(copy_cuda(strided, dst, stream))});
   return out;
 }
 
@@ -250,10 +265,10 @@ TensorPtr concat(const std::vector<const Tensor*>& tensors, int axis) {
   check_shape(op, out_shape, first.dtype());
   TensorPtr out = empty(out_shape, first.dtype(), first.device());
   TensorView ov = out->view();
-  launch(op, first.device(), {[=, views = std::move(views)](ThreadPool& pool) {
+  launch(op, first.device(), {[=](ThreadPool& pool) {
                                 concat_cpu(views.data(), int(views.size()), a, ov, pool);
                               },
-                              nullptr});
+                              TK_CUDA(concat_cuda(views.data(), int(views.size()), a, ov, stream))});
   return out;
 }
 
@@ -273,7 +288,7 @@ TensorPtr narrow(const Tensor& x, int axis, int64_t start, int64_t length) {
   strided.data = static_cast<char*>(src.data) + size_t(start * src.strides[a]) * dtype_size(x.dtype());
   TensorPtr out = empty(out_shape, x.dtype(), x.device());
   TensorView dst = out->view();
-  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, TK_CUDA(copy_cuda(strided, dst, stream))});
   return out;
 }
 
@@ -328,7 +343,7 @@ TensorPtr matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
     p.batch = 1;
     p.batch_stride_a = p.batch_stride_c = 0;
   }
-  launch(op, a.device(), {[=](ThreadPool& pool) { gemm_cpu(p, pool); }, nullptr});
+  launch(op, a.device(), {[=](ThreadPool& pool) { gemm_cpu(p, pool); }, TK_CUDA(gemm_cuda(p, stream))});
   return out;
 }
 
@@ -357,7 +372,7 @@ TensorPtr binary(BinaryOp kind, const Tensor& a, const Tensor& b) {
   }
   TensorPtr out = empty(out_shape, a.dtype(), a.device());
   TensorView ov = out->view();
-  launch(op, a.device(), {[=](ThreadPool& pool) { binary_cpu(kind, ax, bx, ov, pool); }, nullptr});
+  launch(op, a.device(), {[=](ThreadPool& pool) { binary_cpu(kind, ax, bx, ov, pool); }, TK_CUDA(binary_cuda(kind, ax, bx, ov, stream))});
   return out;
 }
 
@@ -366,7 +381,7 @@ TensorPtr scale(const Tensor& x, double alpha) {
            " is not a floating type; cast with t.to('f32')");
   TensorPtr out = empty(x.shape(), x.dtype(), x.device());
   TensorView xv = x.view(), ov = out->view();
-  launch("scale", x.device(), {[=](ThreadPool& pool) { scale_cpu(xv, float(alpha), ov, pool); }, nullptr});
+  launch("scale", x.device(), {[=](ThreadPool& pool) { scale_cpu(xv, float(alpha), ov, pool); }, TK_CUDA(scale_cuda(xv, float(alpha), ov, stream))});
   return out;
 }
 
@@ -383,7 +398,7 @@ TensorPtr scale_by_inplace(const Tensor& x, const Tensor& s) {
                             (void)keep;
                             scale_cpu(xv, value, xv, pool);
                           },
-                          nullptr});
+                          TK_CUDA((void)keep; scale_by_device_scalar_cuda(xv, sp, stream))});
   return reshape(x, x.shape());
 }
 
@@ -392,7 +407,7 @@ TensorPtr dropout(const Tensor& x, double p, uint64_t seed) {
   TK_CHECK(p >= 0 && p < 1, "dropout: p must be in [0, 1), got ", p);
   TensorPtr out = empty(x.shape(), x.dtype(), x.device());
   TensorView xv = x.view(), ov = out->view();
-  launch("dropout", x.device(), {[=](ThreadPool& pool) { dropout_cpu(xv, float(p), seed, ov, pool); }, nullptr});
+  launch("dropout", x.device(), {[=](ThreadPool& pool) { dropout_cpu(xv, float(p), seed, ov, pool); }, TK_CUDA(dropout_cuda(xv, float(p), seed, ov, stream))});
   return out;
 }
 
@@ -422,7 +437,7 @@ TensorPtr sum(const Tensor& x, const std::vector<int>& axes, bool keepdim) {
   TensorPtr out = empty(out_shape, x.dtype(), x.device());
   // The kernel writes the keepdim layout; the output shape without reduced axes has the same bytes.
   TensorView xv = x.view(), ov = make_view(out->storage()->ptr, x.dtype(), x.device(), kept);
-  launch(op, x.device(), {[=](ThreadPool& pool) { sum_cpu(xv, mask, ov, pool); }, nullptr});
+  launch(op, x.device(), {[=](ThreadPool& pool) { sum_cpu(xv, mask, ov, pool); }, TK_CUDA(sum_cuda(xv, mask, ov, stream))});
   return out;
 }
 
@@ -454,7 +469,7 @@ RmsNormSaved rms_norm_train(const Tensor& x, const Tensor& weight, double eps) {
   r.y = empty(xs, x.dtype(), x.device());
   r.rstd = empty({x.numel() / xs.back()}, DType::F32, x.device());
   TensorView xv = x.view(), wv = weight.view(), ov = r.y->view(), rv = r.rstd->view();
-  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_forward_cpu(xv, wv, float(eps), ov, rv, pool); }, nullptr});
+  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_forward_cpu(xv, wv, float(eps), ov, rv, pool); }, TK_CUDA(rms_norm_forward_cuda(xv, wv, float(eps), ov, rv, stream))});
   return r;
 }
 
@@ -467,7 +482,7 @@ TensorPtr swiglu(const Tensor& gate, const Tensor& up) {
            " must have the same shape");
   TensorPtr out = empty(gate.shape(), gate.dtype(), gate.device());
   TensorView gv = gate.view(), uv = up.view(), ov = out->view();
-  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_forward_cpu(gv, uv, ov, pool); }, nullptr});
+  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_forward_cpu(gv, uv, ov, pool); }, TK_CUDA(swiglu_forward_cuda(gv, uv, ov, stream))});
   return out;
 }
 
@@ -483,7 +498,7 @@ TensorPtr embedding(const Tensor& ids, const Tensor& table) {
   check_shape(op, out_shape, table.dtype());
   TensorPtr out = empty(out_shape, table.dtype(), table.device());
   TensorView iv = ids.view(), tv = table.view(), ov = out->view();
-  launch(op, ids.device(), {[=](ThreadPool& pool) { embedding_forward_cpu(iv, tv, ov, pool); }, nullptr});
+  launch(op, ids.device(), {[=](ThreadPool& pool) { embedding_forward_cpu(iv, tv, ov, pool); }, TK_CUDA(embedding_forward_cuda(iv, tv, ov, stream))});
   return out;
 }
 
@@ -516,6 +531,23 @@ TensorPtr rope_apply(const Tensor& x, const Tensor* positions, double theta, con
   TensorPtr out = empty(xs, x.dtype(), x.device());
   TensorView xv = x.view(), pv = positions->view(), ov = out->view();
   const bool dynamic = scaling.type == RopeScaling::Dynamic;
+#ifdef TUNEKIT_WITH_CUDA
+  if (x.device().type == DeviceType::CUDA) {
+    // Dynamic NTK needs the longest position on the host: read the positions (this waits for the
+    // work that produces them).
+    RopeFrequencies f = freqs;
+    if (dynamic) {
+      std::vector<uint8_t> bytes = read_sync(*positions);
+      const int32_t* p = reinterpret_cast<const int32_t*>(bytes.data());
+      int64_t longest = 0;
+      for (size_t i = 0; i < bytes.size() / 4; ++i) longest = std::max<int64_t>(longest, int64_t(p[i]) + 1);
+      f = rope_inv_freq(D, theta, scaling, longest);
+    }
+    auto cuda_kernel = inverse ? rope_backward_cuda : rope_forward_cuda;
+    launch(op, x.device(), {nullptr, TK_CUDA(cuda_kernel(xv, pv, per_batch, f.inv_freq, f.attention_factor, ov, stream))});
+    return out;
+  }
+#endif
   auto kernel = inverse ? rope_backward_cpu : rope_forward_cpu;
   launch(op, x.device(), {[=, freqs = std::move(freqs)](ThreadPool& pool) {
                             if (!dynamic) return kernel(xv, pv, per_batch, freqs.inv_freq, freqs.attention_factor, ov, pool);
@@ -605,7 +637,7 @@ AttentionSaved attention_train(const Tensor& q, const Tensor& k, const Tensor& v
                             attention_forward_cpu(qv, kv, vv, has_seg ? &sv : nullptr, has_kseg ? &ksv : nullptr, opt, ov,
                                                   lv, pool);
                           },
-                          nullptr});
+                          TK_CUDA(attention_forward_cuda(qv, kv, vv, has_seg ? &sv : nullptr, has_kseg ? &ksv : nullptr, opt, ov, lv, stream))});
   return r;
 }
 
@@ -642,7 +674,7 @@ LossSaved cross_entropy_train(const Tensor& logits, const Tensor& targets, int32
   launch(op, logits.device(), {[=](ThreadPool& pool) {
                                  cross_entropy_forward_cpu(lv, tv, ignore_index, reduction, losv, lsev, outv, pool);
                                },
-                               nullptr});
+                               TK_CUDA(cross_entropy_forward_cuda(lv, tv, ignore_index, reduction, losv, lsev, outv, stream))});
   return {loss ? std::move(loss) : std::move(losses), std::move(lse)};
 }
 
@@ -661,7 +693,7 @@ LossSaved sequence_logprobs_train(const Tensor& logits, const Tensor& targets, i
   launch(op, logits.device(), {[=](ThreadPool& pool) {
                                  sequence_logprobs_forward_cpu(lv, tv, ignore_index, ov, lsev, pool);
                                },
-                               nullptr});
+                               TK_CUDA(sequence_logprobs_forward_cuda(lv, tv, ignore_index, ov, lsev, stream))});
   return {std::move(out), std::move(lse)};
 }
 
@@ -695,7 +727,7 @@ DpoResult dpo_loss(const Tensor& policy_chosen, const Tensor& policy_rejected, c
   r.rejected_rewards = empty({B}, DType::F32, policy_chosen.device());
   TensorView pc = policy_chosen.view(), pr = policy_rejected.view(), rc = ref_chosen.view(), rr = ref_rejected.view();
   TensorView lv = losses->view(), cv = r.chosen_rewards->view(), jv = r.rejected_rewards->view();
-  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_forward_cpu(pc, pr, rc, rr, params, lv, cv, jv); }, nullptr});
+  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_forward_cpu(pc, pr, rc, rr, params, lv, cv, jv); }, TK_CUDA(dpo_loss_forward_cuda(pc, pr, rc, rr, params, lv, cv, jv, stream))});
   TensorPtr total = sum(*losses, {}, false);
   r.loss = scale(*total, 1.0 / double(B));
   return r;
@@ -728,7 +760,7 @@ TensorPtr distill_loss(const Tensor& student, const Tensor& teacher, const Tenso
   TensorPtr loss = empty({}, DType::F32, student.device());
   TensorView sv = student.view(), tv = teacher.view(), lv = losses->view(), ov = loss->view();
   TensorView gv = targets ? targets->view() : TensorView{};
-  launch(op, student.device(), {[=](ThreadPool& pool) { distill_forward_cpu(sv, tv, gv, params, lv, ov, pool); }, nullptr});
+  launch(op, student.device(), {[=](ThreadPool& pool) { distill_forward_cpu(sv, tv, gv, params, lv, ov, pool); }, TK_CUDA(distill_forward_cuda(sv, tv, gv, params, lv, ov, stream))});
   return loss;
 }
 
@@ -755,7 +787,7 @@ Nf4Tensors nf4_quantize(const Tensor& w, int64_t block_size, bool double_quant) 
   const void* src = w.storage()->ptr;
   DType dt = w.dtype();
   int64_t n = w.numel();
-  launch(op, dev, {[=](ThreadPool& pool) { nf4_quantize_cpu(src, dt, n, block_size, double_quant, out, pool); }, nullptr});
+  launch(op, dev, {[=](ThreadPool& pool) { nf4_quantize_cpu(src, dt, n, block_size, double_quant, out, pool); }, TK_CUDA(nf4_quantize_cuda(src, dt, n, block_size, double_quant, out, stream))});
   return q;
 }
 
@@ -788,7 +820,7 @@ TensorPtr nf4_dequantize(const Tensor& packed, const Tensor& absmax, const Tenso
            double_quant ? static_cast<const float*>(scale2->storage()->ptr) : nullptr,
            double_quant ? static_cast<const float*>(offset->storage()->ptr) : nullptr};
   void* dst = out->storage()->ptr;
-  launch(op, dev, {[=](ThreadPool& pool) { nf4_dequantize_cpu(in, n, block_size, double_quant, dst, out_dtype, pool); }, nullptr});
+  launch(op, dev, {[=](ThreadPool& pool) { nf4_dequantize_cpu(in, n, block_size, double_quant, dst, out_dtype, pool); }, TK_CUDA(nf4_dequantize_cuda(in, n, block_size, double_quant, dst, out_dtype, stream))});
   return out;
 }
 
@@ -830,7 +862,7 @@ TensorPtr broadcast_to(const Tensor& x, const std::vector<int64_t>& shape) {
   }
   TensorPtr out = empty(shape, x.dtype(), x.device());
   TensorView dst = out->view();
-  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, nullptr});
+  launch(op, x.device(), {[=](ThreadPool& pool) { copy_cpu(strided, dst, pool); }, TK_CUDA(copy_cuda(strided, dst, stream))});
   return out;
 }
 
@@ -844,7 +876,7 @@ Grads2 rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight
   g.a = empty(x.shape(), x.dtype(), x.device());
   TensorPtr dw = empty(weight.shape(), DType::F32, x.device());
   TensorView dyv = dy.view(), xv = x.view(), wv = weight.view(), rv = rstd.view(), dxv = g.a->view(), dwv = dw->view();
-  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_backward_cpu(dyv, xv, wv, rv, dxv, dwv, pool); }, nullptr});
+  launch(op, x.device(), {[=](ThreadPool& pool) { rms_norm_backward_cpu(dyv, xv, wv, rv, dxv, dwv, pool); }, TK_CUDA(rms_norm_backward_cuda(dyv, xv, wv, rv, dxv, dwv, stream))});
   g.b = to_dtype(std::move(dw), weight.dtype());
   return g;
 }
@@ -857,7 +889,7 @@ Grads2 swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up)
   g.a = empty(gate.shape(), gate.dtype(), gate.device());
   g.b = empty(up.shape(), up.dtype(), up.device());
   TensorView dv = dout.view(), gv = gate.view(), uv = up.view(), dgv = g.a->view(), duv = g.b->view();
-  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_backward_cpu(dv, gv, uv, dgv, duv, pool); }, nullptr});
+  launch(op, gate.device(), {[=](ThreadPool& pool) { swiglu_backward_cpu(dv, gv, uv, dgv, duv, pool); }, TK_CUDA(swiglu_backward_cuda(dv, gv, uv, dgv, duv, stream))});
   return g;
 }
 
@@ -872,7 +904,7 @@ TensorPtr embedding_backward(const Tensor& dout, const Tensor& ids, int64_t voca
   TK_CHECK(vocab > 0, op, ": the vocabulary must not be empty");
   TensorPtr dtable = empty({vocab, ds.back()}, DType::F32, dout.device());
   TensorView dv = dout.view(), iv = ids.view(), tv = dtable->view();
-  launch(op, dout.device(), {[=](ThreadPool& pool) { embedding_backward_cpu(dv, iv, tv, pool); }, nullptr});
+  launch(op, dout.device(), {[=](ThreadPool& pool) { embedding_backward_cpu(dv, iv, tv, pool); }, TK_CUDA(embedding_backward_cuda(dv, iv, tv, stream))});
   return to_dtype(std::move(dtable), dtype);
 }
 
@@ -904,7 +936,7 @@ Grads3 attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, 
                             attention_backward_cpu(dov, qv, kv, vv, ov, lv, has_seg ? &sv : nullptr,
                                                    has_kseg ? &ksv : nullptr, opt, dq, dk, dv, pool);
                           },
-                          nullptr});
+                          TK_CUDA(attention_backward_cuda(dov, qv, kv, vv, ov, lv, has_seg ? &sv : nullptr, has_kseg ? &ksv : nullptr, opt, dq, dk, dv, stream))});
   return g;
 }
 
@@ -926,7 +958,7 @@ TensorPtr cross_entropy_backward(const Tensor& dloss, const Tensor& logits, cons
   launch(op, logits.device(), {[=](ThreadPool& pool) {
                                  cross_entropy_backward_cpu(lv, tv, sv, dv, ignore_index, reduction, gv, pool);
                                },
-                               nullptr});
+                               TK_CUDA(cross_entropy_backward_cuda(lv, tv, sv, dv, ignore_index, reduction, gv, stream))});
   return dlogits;
 }
 
@@ -944,7 +976,7 @@ TensorPtr sequence_logprobs_backward(const Tensor& dout, const Tensor& logits, c
   launch(op, logits.device(), {[=](ThreadPool& pool) {
                                  sequence_logprobs_backward_cpu(lv, tv, sv, dv, ignore_index, gv, pool);
                                },
-                               nullptr});
+                               TK_CUDA(sequence_logprobs_backward_cuda(lv, tv, sv, dv, ignore_index, gv, stream))});
   return dlogits;
 }
 
@@ -962,7 +994,7 @@ Grads2 dpo_loss_backward(const Tensor& dloss, const Tensor& policy_chosen, const
   g.b = empty({B}, DType::F32, policy_chosen.device());
   TensorView pc = policy_chosen.view(), pr = policy_rejected.view(), rc = ref_chosen.view(), rr = ref_rejected.view();
   TensorView dv = per_pair->view(), dc = g.a->view(), dr = g.b->view();
-  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_backward_cpu(pc, pr, rc, rr, params, dv, dc, dr); }, nullptr});
+  launch(op, policy_chosen.device(), {[=](ThreadPool&) { dpo_loss_backward_cpu(pc, pr, rc, rr, params, dv, dc, dr); }, TK_CUDA(dpo_loss_backward_cuda(pc, pr, rc, rr, params, dv, dc, dr, stream))});
   return g;
 }
 
@@ -975,7 +1007,7 @@ TensorPtr distill_loss_backward(const Tensor& dloss, const Tensor& student, cons
   TensorPtr dstudent = empty(student.shape(), student.dtype(), student.device());
   TensorView sv = student.view(), tv = teacher.view(), dv = dloss.view(), gv = dstudent->view();
   TensorView yv = targets ? targets->view() : TensorView{};
-  launch(op, student.device(), {[=](ThreadPool& pool) { distill_backward_cpu(sv, tv, yv, params, dv, gv, pool); }, nullptr});
+  launch(op, student.device(), {[=](ThreadPool& pool) { distill_backward_cpu(sv, tv, yv, params, dv, gv, pool); }, TK_CUDA(distill_backward_cuda(sv, tv, yv, params, dv, gv, stream))});
   return dstudent;
 }
 
@@ -1019,7 +1051,7 @@ LinearLossResult linear_cross_entropy(const Tensor& hidden, const Tensor& weight
   p.reduction = reduction;
   TensorView hv = hidden.view(), wv = weight.view(), tv = targets.view(), lv = r.loss->view(), sv = losses->view();
   TensorView dhv = r.dhidden ? r.dhidden->view() : TensorView{}, dwv = r.dweight ? r.dweight->view() : TensorView{};
-  launch(op, dev, {[=](ThreadPool& pool) { linear_cross_entropy_cpu(hv, wv, tv, p, lv, sv, dhv, dwv, pool); }, nullptr});
+  launch(op, dev, {[=](ThreadPool& pool) { linear_cross_entropy_cpu(hv, wv, tv, p, lv, sv, dhv, dwv, pool); }, TK_CUDA(linear_cross_entropy_cuda(hv, wv, tv, p, lv, sv, dhv, dwv, stream))});
   return r;
 }
 
@@ -1052,7 +1084,8 @@ LinearLossResult linear_distill(const Tensor& student_hidden, const Tensor& stud
   TensorView sh = student_hidden.view(), sw = student_weight.view(), th = teacher_hidden.view(), tw = teacher_weight.view();
   TensorView yv = targets ? targets->view() : TensorView{}, lv = r.loss->view();
   TensorView dhv = r.dhidden ? r.dhidden->view() : TensorView{}, dwv = r.dweight ? r.dweight->view() : TensorView{};
-  launch(op, dev, {[=](ThreadPool& pool) { linear_distill_cpu(sh, sw, th, tw, yv, p, lv, TensorView{}, dhv, dwv, pool); }, nullptr});
+  launch(op, dev, {[=](ThreadPool& pool) { linear_distill_cpu(sh, sw, th, tw, yv, p, lv, TensorView{}, dhv, dwv, pool); },
+                   TK_CUDA(linear_distill_cuda(sh, sw, th, tw, yv, p, lv, TensorView{}, dhv, dwv, stream))});
   return r;
 }
 
@@ -1123,7 +1156,7 @@ QloraSaved qlora_linear(const Tensor& x, const Nf4WeightRef& w, const Tensor& a,
                             (void)keep;
                             qlora_forward_cpu(xv, q, av, bv, opt, yv, xav, pool);
                           },
-                          nullptr});
+                          TK_CUDA((void)keep; qlora_forward_cuda(xv, q, av, bv, opt, yv, xav, stream))});
   return r;
 }
 
@@ -1150,7 +1183,7 @@ Grads3 qlora_linear_backward(const Tensor& dy, const Tensor& x, const Nf4WeightR
                             (void)keep;
                             qlora_backward_cpu(dyv, xv, q, av, bv, xav, opt, dxv, dav, dbv, pool);
                           },
-                          nullptr});
+                          TK_CUDA((void)keep; qlora_backward_cuda(dyv, xv, q, av, bv, xav, opt, dxv, dav, dbv, stream))});
   return g;
 }
 
@@ -1188,10 +1221,18 @@ void adamw_step(const std::vector<Tensor*>& params, const std::vector<const Tens
     t.grad_dtype = g.dtype();
     list.push_back(t);
   }
-  launch(op, dev, {[=, list = std::move(list)](ThreadPool& pool) {
-                     adamw_step_multi_cpu(list.data(), int64_t(list.size()), hp, pool);
-                   },
-                   nullptr});
+#ifdef TUNEKIT_WITH_CUDA
+  if (dev.type == DeviceType::CUDA) check_adamw_list_cuda(list.data(), int64_t(list.size()));
+#endif
+  launch(op, dev, {[=](ThreadPool& pool) { adamw_step_multi_cpu(list.data(), int64_t(list.size()), hp, pool); },
+                   TK_CUDA({
+                     // The kernels read the tensor list from device memory, uploaded per step.
+                     const size_t bytes = list.size() * sizeof(AdamWTensor);
+                     void* dlist = cuda::allocate(dev.index, bytes);
+                     cuda::upload(tk_queue, dlist, list.data(), bytes);
+                     adamw_step_multi_cuda(static_cast<const AdamWTensor*>(dlist), int64_t(list.size()), hp, nullptr, stream);
+                     tk_queue.release(dlist);
+                   })});
 }
 
 TensorPtr clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm) {
@@ -1208,7 +1249,9 @@ TensorPtr clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm) {
   }
   TensorPtr norm = empty({}, DType::F32, dev);
   float* out = static_cast<float*>(norm->storage()->ptr);
-  launch(op, dev, {[=, list = std::move(list)](ThreadPool& pool) {
+  // Both columns capture `list` by copy (a braced list initializes left to right: a move into the
+  // first would leave the second empty).
+  launch(op, dev, {[=](ThreadPool& pool) {
                      double total = std::sqrt(grad_norm_sq_cpu(list.data(), int64_t(list.size()), pool));
                      *out = float(total);
                      if (max_norm > 0) {
@@ -1216,7 +1259,19 @@ TensorPtr clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm) {
                        if (coef < 1.0f || std::isnan(coef)) scale_grads_cpu(list.data(), int64_t(list.size()), coef, pool);
                      }
                    },
-                   nullptr});
+                   TK_CUDA({
+                     // Norm, clip coefficient and scaling all stay on the device: no host sync.
+                     const size_t bytes = list.size() * sizeof(GradTensor);
+                     char* scratch = static_cast<char*>(cuda::allocate(dev.index, bytes + 16));
+                     cuda::upload(tk_queue, scratch + 16, list.data(), bytes);
+                     auto* dlist = reinterpret_cast<const GradTensor*>(scratch + 16);
+                     auto* norm_sq = reinterpret_cast<double*>(scratch);
+                     auto* coef = reinterpret_cast<float*>(scratch + 8);
+                     grad_norm_sq_cuda(dlist, int64_t(list.size()), norm_sq, max_norm > 0 ? coef : nullptr, max_norm, stream);
+                     norm_from_square_cuda(norm_sq, out, stream);
+                     if (max_norm > 0) scale_grads_cuda(dlist, int64_t(list.size()), coef, stream);
+                     tk_queue.release(scratch);
+                   })});
   return norm;
 }
 
