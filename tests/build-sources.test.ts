@@ -1,5 +1,5 @@
 // CMake (through cmake-js) and node-gyp must build the same CPU sources.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { expect, it } from 'vitest';
@@ -23,5 +23,8 @@ it('binding.gyp lists exactly the CMake CPU and addon sources, and they all exis
   expect([...target!.sources].sort()).toEqual(fromCmake);
   expect(fromCmake.length).toBeGreaterThan(5);
   for (const f of fromCmake) expect(existsSync(join(root, f)), f).toBe(true);
-  for (const f of cmakeList(cmake, 'TUNEKIT_CUDA_SOURCES')) expect(existsSync(join(root, f)), f).toBe(true);
+  // The CUDA backend is every .cu of native/cuda, in CMake as in scripts/check-cuda-compile.sh.
+  expect(cmake).toMatch(/file\(GLOB TUNEKIT_CUDA_SOURCES CONFIGURE_DEPENDS \$\{CMAKE_CURRENT_SOURCE_DIR\}\/native\/cuda\/\*\.cu\)/);
+  expect(readFileSync(join(root, 'scripts', 'check-cuda-compile.sh'), 'utf8')).toContain('files=(native/cuda/*.cu)');
+  expect(readdirSync(join(root, 'native', 'cuda')).filter((f) => f.endsWith('.cu')).length).toBeGreaterThan(5);
 });
