@@ -2,12 +2,12 @@
 //
 // - Every combination of operand dtype (f32, bf16, f16) x C dtype (f32, bf16) x transposes (NN, NT,
 //   TN, TT) x batch mode (one matrix, a strided batch of 3, A broadcast, B broadcast), each on an
-//   odd shape taken in turn from {1, 7, 97, 257, 1025} products, with leading dimensions beyond
-//   the minimum, alpha != 1 and beta either 0 or not. Then: C starting as NaN with beta = 0 (must
-//   not leak), a broadcast C (batch stride 0: the matrices one after the other, accumulating with
-//   beta = 1, as gemm_cpu does), K = 0 (C = beta C), operands at addresses only 2- or 4-byte
-//   aligned (cuBLASLt must be told, or it picks vector loads that fault or misread), and sizes that
-//   cross cuBLASLt's tiles (1025 x 257 x 1031).
+//   M x N x K taken in turn from ten odd shapes built of 1, 7, 33, 65, 97, 130, 257 and 1025, with
+//   leading dimensions beyond the minimum, alpha != 1 and beta either 0 or not. Then: C starting
+//   as NaN with beta = 0 (must not leak), a broadcast C (batch stride 0: the matrices one after
+//   the other, accumulating with beta = 1, as gemm_cpu does), K = 0 (C = beta C), operands at
+//   addresses only 2- or 4-byte aligned (cuBLASLt must be told, or it picks vector loads that
+//   fault or misread), and sizes that cross cuBLASLt's tiles (1025 x 257 x 1031).
 // - Every C sits between guard bytes in device memory and the padding columns of C (ldc > N) must
 //   be untouched.
 // - Tolerances (nmse against the reference on the same, already rounded, inputs):
@@ -186,7 +186,8 @@ void run_case(Context& ctx, const Case& cs, uint64_t seed) {
   for (int64_t bb = 0; bb < mats; ++bb)
     for (int64_t i = 0; i < cs.M; ++i) {
       for (int64_t j = 0; j < cs.N; ++j) got.push_back(all[size_t((bb * cs.M + i) * p.ldc + j)]);
-      const size_t pad0 = size_t((bb * cs.M + i) * p.ldc + cs.N) * csz, pad1 = size_t((bb * cs.M + i + 1) * p.ldc) * csz;
+      const size_t pad0 = size_t((bb * cs.M + i) * p.ldc + cs.N) * csz;
+      const size_t pad1 = size_t((bb * cs.M + i + 1) * p.ldc) * csz;
       pad_ok = pad_ok && std::memcmp(out.data() + pad0, c0.data() + pad0, pad1 - pad0) == 0;
     }
   ctx.check(dc.intact() && da.intact() && db.intact(), what + ": guards intact");

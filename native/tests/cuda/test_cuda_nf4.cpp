@@ -218,7 +218,9 @@ std::vector<QCase> quant_cases() {
   c.push_back({"randn 70000 block 4096", randn(70000, 31), 4096});
   c.push_back({"adversarial", adversarial_tensor(), 64});
   c.push_back({"zeros", std::vector<double>(200, 0.0), 64});
-  c.push_back({"uniform x1e-3", [] { auto v = uniform(5000, 8, -2.0, 2.0); for (double& x : v) x *= 1e-3; return v; }(), 64});
+  std::vector<double> small = uniform(5000, 8, -2.0, 2.0);
+  for (double& x : small) x *= 1e-3;
+  c.push_back({"uniform x1e-3", small, 64});
   c.push_back({"randn 70000 blocks", randn(size_t(64) * 70000, 41), 64});
   c.push_back({"wide-range absmax", wide_range_tensor(3000, 64, 51), 64});
   return c;
@@ -357,7 +359,8 @@ TK_TEST(cuda_nf4_dequantize_window) {
             want.insert(want.end(), row, row + size_t(w.nc) * es);
           }
           char what[200];
-          std::snprintf(what, sizeof what, "cuda nf4 window W[%lld, %lld] block %lld%s rows [%lld, +%lld) cols [%lld, +%lld) %s",
+          std::snprintf(what, sizeof what,
+                        "cuda nf4 window W[%lld, %lld] block %lld%s rows [%lld, +%lld) cols [%lld, +%lld) %s",
                         (long long)s.rows, (long long)s.cols, (long long)s.block, dq ? " dq" : "", (long long)w.r0,
                         (long long)w.nr, (long long)w.c0, (long long)w.nc, dtype_name(t));
           DeviceGuarded out(std::max<size_t>(1, want.size()));

@@ -163,8 +163,8 @@ struct LayerCase {
 
 std::string describe(const LayerCase& c) {
   char buf[220];
-  std::snprintf(buf, sizeof buf, "cuda qlora N%lld in%lld out%lld r%lld %s block %lld%s p %.1f s %.0f%s", (long long)c.N,
-                (long long)c.in, (long long)c.out, (long long)c.r, dtype_name(c.dt), (long long)c.block,
+  std::snprintf(buf, sizeof buf, "cuda qlora N%lld in%lld out%lld r%lld %s block %lld%s p %.1f s %.0f%s",
+                (long long)c.N, (long long)c.in, (long long)c.out, (long long)c.r, dtype_name(c.dt), (long long)c.block,
                 c.dq ? " dq" : "", c.dropout, c.scale, c.scratch ? " small chunks" : "");
   return buf;
 }
@@ -403,7 +403,8 @@ TK_TEST(cuda_qlora_rejects_bad_arguments) {
   ctx.check(fwd(x.view, w, A.hview, B.view, opt, y.view, xa.view), "cuda qlora rejects a host A");
   ctx.check(fwd(x_in.view, w, A.view, B.view, opt, y.view, xa.view), "cuda qlora rejects x whose last dim is not in");
   ctx.check(fwd(x.view, w, A.view, B_r.view, opt, y.view, xa.view), "cuda qlora rejects B [out, r'] with r' != r");
-  ctx.check(fwd(x.view, w, A.view, B.view, opt, y_out.view, xa.view), "cuda qlora rejects y [N, out'] with out' != out");
+  ctx.check(fwd(x.view, w, A.view, B.view, opt, y_out.view, xa.view),
+            "cuda qlora rejects y [N, out'] with out' != out");
   ctx.check(fwd(x.view, w, A.view, B.view, opt, y.view, xa_bf.view), "cuda qlora rejects a bf16 xa");
   ctx.check(fwd(x.view, w, A_bf.view, B.view, opt, y.view, xa.view), "cuda qlora rejects A of another dtype than x");
   ctx.check(fwd(x_f16.view, w, A.view, B.view, opt, y.view, xa.view), "cuda qlora rejects an f16 x");
