@@ -235,7 +235,6 @@ struct AttnParams {
   float lse_mult = 1.0f;        // backward pre-pass: log2(e) for the tensor-core path, 1 for generic
   int causal = 0, has_seg = 0;
   int nqb = 0, nkb = 0;         // query / key tiles at the running kernel's tile size
-  int64_t n = 0;                // element count for elementwise kernels
 };
 
 // Query tiles [i_begin, nqb) can see keys from s0 on (causal); all of them otherwise.

@@ -107,6 +107,7 @@ __global__ void scatter_rows_kernel(const T* src, const int32_t* idx, int64_t D,
 }
 
 // dw[i] = bf16(dw32[i]) for i < n, rounded to nearest even (core/dtype.h's f32_to_bf16).
+//   dw32: [n] F32 (the [V, D] accumulator)   dw: [n] BF16
 __global__ void round_bf16_kernel(const float* dw32, uint16_t* dw, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     uint32_t u = __float_as_uint(dw32[i]);
@@ -123,7 +124,8 @@ __global__ void round_bf16_kernel(const float* dw32, uint16_t* dw, int64_t n) {
 //   loss[0] = wce * (sum ce / counted | sum ce) + wkd * sum kd / counted   (sums in double, fixed
 //             order; 0 when a mean has no row)
 //   losses[idx ? idx[i] : i] = wce ce[i] + wkd kd[i]   for i < counted (when losses is set)
-// ce, kd: [counted] F32 or null (term absent).
+// ce, kd: [counted] F32 or null (term absent); idx: [counted] I32 or null (identity);
+// loss: [1] F32; losses: [N] F32 or null.
 __global__ void __launch_bounds__(kCopyBlock) finish_kernel(const float* ce, const float* kd, int64_t counted,
                                                             const int32_t* idx, double wce, double wkd, bool mean,
                                                             float* loss, float* losses) {

@@ -45,6 +45,10 @@
 // - When some rows are ignored: R x D gathered hidden rows (per head) and R x D dhidden rows; N row
 //   indices; per counted row one or two fp32 values; a few bytes for the read-back.
 // cuBLASLt's own workspace is gemm_cuda's (tunekit's caching allocator) and is not counted.
+// cudaMallocAsync serves from the device's default memory pool, which keeps freed memory for reuse
+// by later calls until a synchronization point and then returns what exceeds its release threshold
+// (cudaMemPoolAttrReleaseThreshold, 0 by default) to the driver; a process that calls these losses
+// every step and synchronizes in between may raise that threshold so the scratch stays mapped.
 //
 // Numerics: logits, losses and the gradient G are fp32 (bf16 storage, fp32 accumulation); with a
 // BF16 head G is rounded to bf16 once before the gradient GEMMs, which accumulate in fp32 and

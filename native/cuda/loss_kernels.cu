@@ -512,6 +512,7 @@ __device__ double block_sum_double(double v, double* sm) {
 }
 
 // count[0] = #{n < N : targets[n] != ignore_index}. One block of kReduceBlock threads.
+//   targets: [N] I32   count: [1] I64
 __global__ void __launch_bounds__(kReduceBlock) count_kernel(const int32_t* targets, int64_t N, int32_t ignore_index,
                                                              int64_t* count) {
   __shared__ double sm[kReduceBlock / 32];

@@ -42,8 +42,9 @@
 //   device into a few bytes of scratch. Scratch (that count, the per-row values of the sequence
 //   sums) comes from cudaMallocAsync on `stream` and goes back with cudaFreeAsync on `stream`:
 //   stream-ordered, so it is reusable by later work on the stream at once and never released
-//   while a kernel of this call still reads it. The caller has the views' device current (the
-//   CUDA queue does).
+//   while a kernel of this call still reads it (the device's default memory pool; see
+//   linear_loss_kernels.h on its release threshold). The caller has the views' device current
+//   (the CUDA queue does).
 // - Mean over rows: sum in double, divided by the count, rounded once to fp32 (as the CPU).
 #pragma once
 #include <cstdint>

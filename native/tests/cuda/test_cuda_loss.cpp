@@ -6,7 +6,8 @@
 //
 // Shapes are odd: V in {17, 1025, 2049, 32003} (17 and 1025 run the warp-per-row kernels, 2049 and
 // 32003 the block-per-row ones; odd V puts most rows at unaligned addresses, so the element-wise
-// head, the 4-element vector body and the tail all run), N in {1, 7, 97}, about 20% of the
+// head, the 4-element vector body and the tail all run; V = 1 and 3 have no vector body), N in
+// {1, 7, 97}, about 20% of the
 // targets ignore_index. Outputs live in device buffers with 256 guard bytes on both sides (a known
 // pattern, checked after every call). The reference gets the very values the kernel read (bf16
 // inputs are rounded first and widened).
@@ -522,7 +523,7 @@ void run_ce_case(Context& ctx, const std::string& name, const Shape& shape, DTyp
 TK_TEST(cuda_cross_entropy) {
   if (!tk::test::cuda::available()) return;
   const int64_t rows[] = {1, 7, 97};
-  const int64_t cols[] = {17, 1025, 2049, 32003};
+  const int64_t cols[] = {1, 3, 17, 1025, 2049, 32003};  // 1, 3: no vector body at all
   for (DType t : kTypes)
     for (int64_t N : rows)
       for (int64_t V : cols) {
@@ -954,7 +955,8 @@ TK_TEST(cuda_linear_cross_entropy) {
       {1, 33, 17, 0, kMean, 0.0},       {7, 1, 1025, 0, kSum, 0.2},       {97, 33, 17, 10, kSum, 0.2},
       {97, 65, 1025, 16, kMean, 0.0},   {257, 33, 1025, 64, kMean, 0.2},  {97, 33, 32003, 40, kMean, 0.2},
       {257, 1, 17, 0, kMean, 0.2},      {7, 65, 32003, 0, kSum, 0.0},     {257, 65, 1025, 37, kSum, 0.0},
-      {7, 33, 17, 0, kMean, 1.0},  // every row ignored
+      {7, 33, 17, 0, kMean, 1.0},       {7, 65, 1, 3, kMean, 0.2},        {9, 17, 3, 0, kSum, 0.0},
+      // ^ every row ignored; V = 1 (zero gradients) and V = 3 (no vector body)
   };
   uint64_t seed = 9000;
   for (const LinCase& c : cases)
