@@ -65,12 +65,68 @@ void CpuAllocator::release(void* ptr) {
   size_t size = it->second;
   sizes_.erase(it);
   stats_.allocated_bytes -= int64_t(size);
+  cache_or_free(ptr, size);
+}
+
+void CpuAllocator::cache_or_free(void* ptr, size_t size) {
   if (size_t(stats_.cached_bytes) + size <= cache_limit_) {
     cache_.emplace(size, ptr);
     stats_.cached_bytes += int64_t(size);
   } else {
     std::free(ptr);
   }
+}
+
+void* CpuAllocator::allocate_queued(size_t bytes) {
+  size_t size = round_size(bytes);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = pending_.lower_bound(size);
+    if (it != pending_.end() && it->first <= 2 * size) {
+      void* p = it->second;
+      size_t got = it->first;
+      pending_.erase(it);
+      pending_info_.erase(p);
+      stats_.cached_bytes -= int64_t(got);
+      stats_.allocated_bytes += int64_t(got);
+      if (stats_.allocated_bytes > stats_.peak_allocated_bytes) stats_.peak_allocated_bytes = stats_.allocated_bytes;
+      sizes_[p] = got;
+      return p;
+    }
+  }
+  return allocate(bytes);
+}
+
+uint64_t CpuAllocator::release_queued(void* ptr) {
+  if (!ptr) return 0;
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = sizes_.find(ptr);
+  if (it == sizes_.end()) return 0;  // not ours: retire() will ignore it too
+  size_t size = it->second;
+  sizes_.erase(it);
+  stats_.allocated_bytes -= int64_t(size);
+  // Pending blocks count as cached: they hold memory that no tensor owns.
+  stats_.cached_bytes += int64_t(size);
+  uint64_t ticket = next_ticket_++;
+  pending_.emplace(size, ptr);
+  pending_info_[ptr] = Pending{size, ticket};
+  return ticket;
+}
+
+void CpuAllocator::retire(void* ptr, uint64_t ticket) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto info = pending_info_.find(ptr);
+  if (info == pending_info_.end() || info->second.ticket != ticket) return;  // reused since
+  size_t size = info->second.size;
+  pending_info_.erase(info);
+  auto range = pending_.equal_range(size);
+  for (auto it = range.first; it != range.second; ++it)
+    if (it->second == ptr) {
+      pending_.erase(it);
+      break;
+    }
+  stats_.cached_bytes -= int64_t(size);
+  cache_or_free(ptr, size);
 }
 
 void CpuAllocator::empty_cache() {

@@ -76,7 +76,8 @@ void CpuQueue::synchronize() {
 }
 
 void CpuQueue::release(void* ptr) {
-  enqueue([ptr] { CpuAllocator::instance().release(ptr); });
+  uint64_t ticket = CpuAllocator::instance().release_queued(ptr);
+  enqueue([ptr, ticket] { CpuAllocator::instance().retire(ptr, ticket); });
 }
 
 void CpuQueue::set_threads(int threads) {

@@ -1,5 +1,8 @@
 #include "runtime.h"
 
+#include <cstdlib>
+#include <string>
+
 #include "error.h"
 #include "thread_pool.h"
 #ifdef TUNEKIT_WITH_CUDA
@@ -46,6 +49,14 @@ int Runtime::cuda_device_count() {
 
 void Runtime::check_device(Device dev) {
   if (dev.type == DeviceType::CPU) {
+    if (dev.is_cuda_standin()) {
+      TK_CHECK(cuda_compiled(), "device 'cuda-standin' needs a build of tunekit with the CUDA backend (it checks "
+               "that every op has a CUDA kernel); rebuild with the CUDA toolkit installed");
+      const char* env = std::getenv("TUNEKIT_CUDA_STANDIN");
+      TK_CHECK(env && std::string(env) == "1", "device 'cuda-standin' is a testing device; set TUNEKIT_CUDA_STANDIN=1 "
+               "to use it (it runs CPU kernels, so use 'cuda' for real work)");
+      return;
+    }
     TK_CHECK(dev.index == 0, "device 'cpu:", dev.index, "' does not exist: there is one CPU device, 'cpu'");
     return;
   }
@@ -75,13 +86,14 @@ Queue& Runtime::queue(Device dev) {
 }
 
 LiveStats& Runtime::live(Device dev) {
-  return dev.type == DeviceType::CPU ? cpu_live_ : cuda_live_[dev.index];
+  if (dev.type == DeviceType::CPU) return dev.is_cuda_standin() ? standin_live_ : cpu_live_;
+  return cuda_live_[dev.index];
 }
 
-void* Runtime::allocate(Device dev, size_t bytes) {
+void* Runtime::allocate(Device dev, size_t bytes, bool host_writes_now) {
   void* p = nullptr;
   if (dev.type == DeviceType::CPU) {
-    p = CpuAllocator::instance().allocate(bytes);
+    p = host_writes_now ? CpuAllocator::instance().allocate(bytes) : CpuAllocator::instance().allocate_queued(bytes);
   } else {
     check_device(dev);
 #ifdef TUNEKIT_WITH_CUDA

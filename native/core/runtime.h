@@ -28,8 +28,9 @@ class Runtime {
   // Throws unless `dev` is usable (see queue()).
   void check_device(Device dev);
 
-  // Device memory of `bytes`, counted in live(dev).bytes until release().
-  void* allocate(Device dev, size_t bytes);
+  // Device memory of `bytes`, counted in live(dev).bytes until release(). Only work queued on the
+  // device after this call may touch it, unless `host_writes_now` (see CpuAllocator).
+  void* allocate(Device dev, size_t bytes, bool host_writes_now = false);
   // Enqueues the release of memory from allocate() on the device's queue.
   void release(Device dev, void* ptr, size_t bytes);
 
@@ -47,6 +48,7 @@ class Runtime {
   std::mutex cuda_mu_;
   std::vector<std::unique_ptr<Queue>> cuda_queues_;
   LiveStats cpu_live_;
+  LiveStats standin_live_;
   std::unique_ptr<LiveStats[]> cuda_live_;
   int cuda_count_ = -1;
 };

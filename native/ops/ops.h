@@ -25,7 +25,8 @@ namespace tk {
 // Device memory shared by tensors that view it (reshape shares, every other op allocates).
 // Destroying the last reference enqueues the release on the device's queue.
 struct Storage {
-  Storage(Device dev, size_t bytes);
+  // host_writes_now: the caller fills the memory before queueing anything (see CpuAllocator).
+  Storage(Device dev, size_t bytes, bool host_writes_now = false);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
