@@ -8,7 +8,12 @@ import { native, type DType, type NativeTensor } from './native.js';
 import { detached, track } from './scope.js';
 
 export type { DType } from './native.js';
-export type Device = 'cpu' | 'cuda' | `cuda:${number}`;
+/**
+ * 'cuda-standin' is a device for tests on machines without a GPU (a CUDA build with
+ * TUNEKIT_CUDA_STANDIN=1): CPU memory and kernels, but a device of its own that accepts only ops
+ * with a CUDA kernel, so code that runs on it places every tensor and op as it would on 'cuda'.
+ */
+export type Device = 'cpu' | 'cuda' | `cuda:${number}` | 'cuda-standin';
 export type TensorData = Float32Array | Int32Array | Uint8Array;
 /** Nested arrays of numbers, e.g. [[1, 2], [3, 4]]. */
 export type NestedNumbers = number | readonly NestedNumbers[];
@@ -26,7 +31,7 @@ export class Tensor {
   #gradFn: GradNode | null = null;
   readonly shape: readonly number[];
   readonly dtype: DType;
-  readonly device: string;
+  readonly device: Device;
 
   /** @internal Tensors are made by tk.tensor, tk.zeros, tk.randn and the ops. */
   constructor(token: symbol, handle: NativeTensor) {
@@ -34,7 +39,7 @@ export class Tensor {
     this.#handle = handle;
     this.shape = Object.freeze(handle.shape);
     this.dtype = handle.dtype;
-    this.device = handle.device;
+    this.device = handle.device as Device;
     track(this);
   }
 
@@ -80,7 +85,7 @@ export class Tensor {
       throw new TypeError(`to: ${describe(target)} is neither a device ('cpu', 'cuda', 'cuda:N') nor a dtype (${DTYPES.map((d) => `'${d}'`).join(', ')})`);
     const from = this.device;
     const out = Tensor.fromNative(native().toDevice(h, target));
-    return record(out, 'to', [this], [], (g) => [g.to(from as Device)]);
+    return record(out, 'to', [this], [], (g) => [g.to(from)]);
   }
 
   /** A tensor with the same values in another shape (shares memory; -1 infers one size). */
@@ -199,12 +204,19 @@ export function checkDType(dtype: unknown, what: string): DType {
   return dtype as DType;
 }
 
-const DEVICE_PATTERN = /^(cpu|cuda(:\d{1,2})?)$/;
+/** The device names: 'cpu', 'cuda', 'cuda:N', and the test device 'cuda-standin'. */
+export const DEVICE_PATTERN = /^(cpu|cuda(:\d{1,2})?|cuda-standin)$/;
 
 export function checkDevice(device: unknown, what: string): string {
   if (typeof device !== 'string' || !DEVICE_PATTERN.test(device))
     throw new TypeError(`${what}: unknown device ${describe(device)}; use 'cpu', 'cuda' or 'cuda:N'`);
   return device;
+}
+
+/** The name tensors report for a device: 'cuda' is 'cuda:0'. */
+export function canonicalDevice(device: unknown, what: string): Device {
+  const d = checkDevice(device, what);
+  return (d === 'cuda' ? 'cuda:0' : d) as Device;
 }
 
 export function checkTensor(t: unknown, op: string, name: string): NativeTensor {

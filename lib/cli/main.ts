@@ -11,6 +11,7 @@ import { averageCheckpoints } from '../models/average.js';
 import { loadModel, saveModel } from '../models/io.js';
 import { loadAdapter, mergeLora } from '../models/lora.js';
 import { info } from '../runtime.js';
+import { DEVICE_PATTERN, type Device } from '../tensor.js';
 import { loadTokenizer } from '../tokenizer/load.js';
 import { readRecipe } from '../train/recipe.js';
 import { runRecipe } from '../train/stages.js';
@@ -20,20 +21,32 @@ const usage = `usage: tunekit <command> [options]
 
 commands:
   info                       version, CPU ISA and threads, CUDA devices and cuBLAS (--json for JSON)
-  train <recipe.yaml>        run a recipe's stages (Ctrl-C writes a checkpoint; run again to resume)
-  generate --model DIR --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--adapter DIR]
+  train <recipe.yaml> [--device cuda]   run a recipe's stages (Ctrl-C writes a checkpoint; run again to resume);
+                             --device overrides the recipe's device
+  generate --model DIR --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--adapter DIR] [--device D]
   merge --model DIR --adapter DIR --out DIR     fold a LoRA adapter into its base (NF4 bases too) and save it
   average DIR... --out DIR [--weights 0.5,0.5] [--dtype f32|bf16]   weighted average of checkpoints, tensor by tensor
-  eval niah --model DIR [--adapter DIR] --lengths 256,512 --depths 0,0.5,1 [--per-cell N] [--chat] [--out PATH]
+  eval niah --model DIR [--adapter DIR] --lengths 256,512 --depths 0,0.5,1 [--per-cell N] [--chat] [--out PATH] [--device D]
   demo [--out DIR] [--quick]  pretrain a tiny Llama from scratch, QLoRA-SFT it, and report what changed
 `;
 
 class UsageError extends Error {}
 
+function checkDeviceOption(value: string): Device {
+  if (!DEVICE_PATTERN.test(value)) throw new UsageError(`--device must be cpu, cuda or cuda:N, got '${value}'`);
+  return value as Device;
+}
+
 function formatSeconds(s: number): string {
   if (!Number.isFinite(s)) return '?';
   const m = Math.floor(s / 60);
   return m > 0 ? `${m}m${String(Math.round(s % 60)).padStart(2, '0')}s` : `${Math.round(s)}s`;
+}
+
+/** Host memory, and the device's peak when training on a GPU. */
+function memoryLabel(e: ProgressEvent): string {
+  const mib = (b: number) => `${(b / 2 ** 20).toFixed(0)} MiB`;
+  return `mem ${mib(e.memoryBytes)}${e.deviceMemoryBytes === undefined ? '' : `, device peak ${mib(e.deviceMemoryBytes)}`}`;
 }
 
 /** A progress bar for one training stage on stderr (a line per step when stderr is not a TTY). */
@@ -45,19 +58,19 @@ export function progressReporter(label: string): { update(e: ProgressEvent): voi
         const now = Date.now();
         if (now - last < 2000 && e.step !== e.totalSteps) return;
         last = now;
-        process.stderr.write(`${label} step ${e.step}/${e.totalSteps} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)} ${Math.round(e.tokensPerSecond)} tok/s ETA ${formatSeconds(e.etaSeconds)} mem ${(e.memoryBytes / 2 ** 20).toFixed(0)} MiB\n`);
+        process.stderr.write(`${label} step ${e.step}/${e.totalSteps} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)} ${Math.round(e.tokensPerSecond)} tok/s ETA ${formatSeconds(e.etaSeconds)} ${memoryLabel(e)}\n`);
       },
       stop() {},
     };
   }
   const bar = new cliProgress.SingleBar(
-    { format: `${label} [{bar}] {value}/{total} | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_h} | {mem} MiB`, hideCursor: true, stream: process.stderr },
+    { format: `${label} [{bar}] {value}/{total} | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_h} | {mem}`, hideCursor: true, stream: process.stderr },
     cliProgress.Presets.shades_classic,
   );
   let started = false;
   return {
     update(e) {
-      const payload = { loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), tps: Math.round(e.tokensPerSecond), eta_h: formatSeconds(e.etaSeconds), mem: (e.memoryBytes / 2 ** 20).toFixed(0) };
+      const payload = { loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), tps: Math.round(e.tokensPerSecond), eta_h: formatSeconds(e.etaSeconds), mem: memoryLabel(e) };
       if (!started) {
         bar.start(e.totalSteps, e.step, payload);
         started = true;
@@ -72,10 +85,11 @@ export function progressReporter(label: string): { update(e: ProgressEvent): voi
 }
 
 async function cmdTrain(args: string[]): Promise<number> {
-  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { device: { type: 'string' } } });
   if (positionals.length !== 1) throw new UsageError('train needs exactly one recipe file');
   const path = positionals[0]!;
   const recipe = await readRecipe(path);
+  if (values.device !== undefined) recipe.device = checkDeviceOption(values.device);
   let bar: ReturnType<typeof progressReporter> | null = null;
   const outcomes = await runRecipe(recipe, {
     baseDir: dirname(path),
@@ -114,11 +128,12 @@ async function cmdGenerate(args: string[]): Promise<number> {
       'top-k': { type: 'string', default: '0' },
       'top-p': { type: 'string', default: '1' },
       seed: { type: 'string', default: '0' },
+      device: { type: 'string', default: 'cpu' },
     },
   });
   if (!values.model) throw new UsageError('generate needs --model DIR');
   if (!values.prompt?.length) throw new UsageError('generate needs --prompt TEXT (repeat it for a batch)');
-  const model = await loadModel(values.model);
+  const model = await loadModel(values.model, { device: checkDeviceOption(values.device) });
   try {
     if (values.adapter) await loadAdapter(model, values.adapter);
     const tokenizer = await loadTokenizer(values.model);
@@ -183,6 +198,7 @@ async function cmdEval(args: string[]): Promise<number> {
       seed: { type: 'string', default: '0' },
       chat: { type: 'boolean', default: false },
       out: { type: 'string' },
+      device: { type: 'string', default: 'cpu' },
     },
   });
   if (!values.model) throw new UsageError('eval niah needs --model DIR');
@@ -196,6 +212,7 @@ async function cmdEval(args: string[]): Promise<number> {
     perCell: Number(values['per-cell']),
     seed: Number(values.seed),
     chat: values.chat,
+    device: checkDeviceOption(values.device),
     ...(values.out ? { out: values.out } : {}),
   });
   return 0;

@@ -196,7 +196,7 @@ function heldOutCrossEntropy(model: CausalLM, tokenizer: Tokenizer, texts: reado
     const ids = tokenizer.encode(text).slice(0, 128);
     if (ids.length < 2) continue;
     const targets = ids.map((_, i) => (i + 1 < ids.length ? ids[i + 1]! : -100));
-    sum += tidy(() => noGrad(() => crossEntropy(model.forward(tensor(Int32Array.from(ids), [1, ids.length])), tensor(Int32Array.from(targets), [1, ids.length]), { reduction: 'sum' }).toArraySync()[0]!));
+    sum += tidy(() => noGrad(() => crossEntropy(model.forward(tensor(Int32Array.from(ids), [1, ids.length], { device: model.device })), tensor(Int32Array.from(targets), [1, ids.length], { device: model.device }), { reduction: 'sum' }).toArraySync()[0]!));
     count += ids.length - 1;
   }
   return sum / count;

@@ -26,7 +26,7 @@ import { heatmapSvg } from '../report/charts.js';
 import { formatNumber } from '../report/escape.js';
 import { writeReport, type Report } from '../report/report.js';
 import { tidy } from '../scope.js';
-import { tensor, type Tensor } from '../tensor.js';
+import { tensor, type Device, type Tensor } from '../tensor.js';
 import { loadTokenizer } from '../tokenizer/load.js';
 import type { Tokenizer } from '../tokenizer/types.js';
 
@@ -216,7 +216,8 @@ async function batchLogLikelihoods(model: CausalLM, rows: readonly EncodedCase[]
     const a = r.answer.length;
     for (let j = 0; j < a; j++) targets[b * A + A - a + j] = r.answer[j]!;
   });
-  const inputs = noGrad(() => ({ ids: tensor(ids, [B, T]), positions: tensor(pos, [B, T]), segmentIds: tensor(seg, [B, T]), targets: tensor(targets, [B, A]) }));
+  const { device } = model;
+  const inputs = noGrad(() => ({ ids: tensor(ids, [B, T], { device }), positions: tensor(pos, [B, T], { device }), segmentIds: tensor(seg, [B, T], { device }), targets: tensor(targets, [B, A], { device }) }));
   const options = { positions: inputs.positions, segmentIds: inputs.segmentIds };
   let h: Tensor | null = null;
   try {
@@ -517,6 +518,8 @@ export interface NiahCommandOptions {
   maxBatchTokens?: number;
   /** Parameter dtype of the loaded model. Default 'f32'. */
   dtype?: 'f32' | 'bf16';
+  /** Where the model runs. Default 'cpu'. */
+  device?: Device;
   /**
    * Where to write: a path ending in .html (the report), .svg (the recall heatmap) or .json (the
    * report's data); any other path is a directory that receives niah.html, niah-exact.svg,
@@ -560,7 +563,7 @@ export async function runNiahCommand(options: NiahCommandOptions): Promise<NiahC
   // Bad grids fail here, before minutes go into loading a checkpoint.
   checkGrid(options.lengths, options.depths, options.digits ?? 4);
   const tokenizer = await loadTokenizer(options.modelDir);
-  const model = await loadModel(options.modelDir, { dtype: options.dtype ?? 'f32' });
+  const model = await loadModel(options.modelDir, { dtype: options.dtype ?? 'f32', device: options.device ?? 'cpu' });
   let report: NiahReport;
   try {
     if (options.adapterDir) await loadAdapter(model, options.adapterDir);

@@ -71,7 +71,8 @@ export async function generateTokens(model: CausalLM, prompts: readonly (readonl
         pos[b * P + t] = t < pad ? 0 : t - pad;
       }
     });
-    let keySeg = noGrad(() => tensor(seg, [B, P]));
+    const { device } = model;
+    let keySeg = noGrad(() => tensor(seg, [B, P], { device }));
     let logits = await lastLogits(model, ids, [B, P], seg, pos, keySeg, cache);
     for (let step = 0; step < maxNewTokens; step++) {
       const next = new Int32Array(B);
@@ -87,7 +88,7 @@ export async function generateTokens(model: CausalLM, prompts: readonly (readonl
       // Every row feeds one token per step (finished rows too, their tokens dropped), so the
       // batch stays rectangular and the token fed now sits at position promptLength + step.
       const stepPos = Int32Array.from(prompts, (p) => p.length + step);
-      const grown: Tensor = noGrad(() => tidy(() => concat([keySeg, ones([B, 1], { dtype: 'i32' })], 1)));
+      const grown: Tensor = noGrad(() => tidy(() => concat([keySeg, ones([B, 1], { dtype: 'i32', device })], 1)));
       keySeg.dispose();
       keySeg = grown;
       logits = await lastLogits(model, next, [B, 1], new Int32Array(B).fill(1), stepPos, keySeg, cache);
@@ -105,7 +106,8 @@ async function lastLogits(model: CausalLM, ids: Int32Array, shape: [number, numb
   const [B, T] = shape;
   const logits = noGrad(() =>
     tidy(() => {
-      const h = model.hidden(tensor(ids, shape), { positions: tensor(pos, shape), segmentIds: tensor(seg, shape), keySegmentIds: keySeg, cache });
+      const { device } = model;
+      const h = model.hidden(tensor(ids, shape, { device }), { positions: tensor(pos, shape, { device }), segmentIds: tensor(seg, shape, { device }), keySegmentIds: keySeg, cache });
       const last = T === 1 ? h : narrow(h, 1, T - 1, 1);
       return model.logits(last).to('f32');
     }),

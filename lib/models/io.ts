@@ -11,15 +11,19 @@ import { join } from 'node:path';
 import { writeFileAtomic, writeTextAtomic } from '../io/atomic.js';
 import { openCheckpoint, writeShardedSafetensors } from '../io/safetensors.js';
 import { safetensorsDTypeOf, tunekitDTypeOf, type SafetensorsTensorInfo } from '../io/safetensors-format.js';
-import { quantize } from '../nf4.js';
+import { quantize, type Nf4Weight } from '../nf4.js';
 import { detached } from '../scope.js';
-import { Tensor, tensor, type DType } from '../tensor.js';
+import { canonicalDevice, Tensor, tensor, type Device, type DType } from '../tensor.js';
 import { ConfigError, parseConfig, presetConfig, type HfConfig, type ModelConfig, type PresetName } from './config.js';
 import { CausalLM } from './llama.js';
 
 export interface LoadModelOptions {
-  device?: 'cpu';
-  /** Parameter dtype. Default: f32 (CPU training computes in fp32). */
+  /**
+   * Where the weights go: 'cpu' (default), 'cuda' or 'cuda:N'. Each tensor is read on the host,
+   * copied to the device in the checkpoint's dtype, and converted (and quantized) there.
+   */
+  device?: Device;
+  /** Parameter dtype. Default: f32 (CPU training computes in fp32; on a GPU, bf16 is the usual choice). */
   dtype?: 'f32' | 'bf16';
   /** Quantize every linear layer of the decoder (not embeddings or lm_head) to NF4 as it is read. */
   quantize?: 'nf4';
@@ -70,26 +74,66 @@ export async function readConfig(dir: string): Promise<ModelConfig> {
   return parseConfig(json, path);
 }
 
+export interface CreateModelOptions {
+  /** Default 'cpu'. */
+  device?: Device;
+  /** Default f32. */
+  dtype?: 'f32' | 'bf16';
+  seed?: number;
+  /**
+   * Quantize every linear layer of the decoder to NF4 (as loadModel does), e.g. a QLoRA base
+   * with random weights for benchmarks. Layers are quantized one at a time after the model is
+   * built, so the dense model exists once, briefly.
+   */
+  quantize?: 'nf4';
+  /** NF4 block size. Default 64. */
+  blockSize?: number;
+}
+
 /** A model with random weights (N(0, 0.02), norms 1) from a config or a preset. */
-export function createModel(config: ModelConfig | HfConfig | { preset: PresetName; vocabSize: number }, options: { dtype?: DType; seed?: number } = {}): CausalLM {
+export function createModel(config: ModelConfig | HfConfig | { preset: PresetName; vocabSize: number }, options: CreateModelOptions = {}): CausalLM {
+  const { dtype = 'f32', quantize: q, blockSize = 64 } = options;
+  const device = canonicalDevice(options.device ?? 'cpu', 'createModel');
+  if (dtype !== 'f32' && dtype !== 'bf16') throw new ModelLoadError(`createModel: dtype must be 'f32' or 'bf16', got ${String(dtype)}`);
+  if (q !== undefined && q !== 'nf4') throw new ModelLoadError(`createModel: quantize must be 'nf4' or absent, got ${String(q)}`);
   let c: ModelConfig;
   if ('preset' in config && typeof config.preset === 'string') c = parseConfig(presetConfig(config.preset as PresetName, config.vocabSize as number));
   else if ('modelType' in config) c = config as ModelConfig;
   else c = parseConfig(config);
-  return new CausalLM(c, { init: 'random', dtype: options.dtype ?? 'f32', seed: options.seed });
+  const model = new CausalLM(c, { init: 'random', dtype, device, seed: options.seed });
+  if (q) {
+    try {
+      for (const [, layer] of model.linearLayers()) layer.setQuantized(quantizeWeight(layer.weight, blockSize));
+    } catch (err) {
+      model.dispose();
+      throw err;
+    }
+  }
+  return model;
+}
+
+/** NF4 with double quantization, owned by the caller (the layer it is given to). */
+function quantizeWeight(t: Tensor, blockSize: number): Nf4Weight {
+  return detached((s) => {
+    const w = quantize(t, { blockSize, doubleQuant: true });
+    for (const part of [w.packed, w.absmax, w.scale2, w.offset]) if (part) s.keep(part);
+    return w;
+  });
 }
 
 /** Loads a Hugging Face model directory. */
 export async function loadModel(dir: string, options: LoadModelOptions = {}): Promise<LoadedModel> {
-  const { device = 'cpu', dtype = 'f32', quantize: q, blockSize = 64 } = options;
-  if (device !== 'cpu') throw new ModelLoadError(`loadModel: device '${String(device)}' is not available in this build; use 'cpu'`);
+  const { dtype = 'f32', quantize: q, blockSize = 64 } = options;
+  const device = canonicalDevice(options.device ?? 'cpu', 'loadModel');
+  // Fail before reading gigabytes when the device does not exist (no CUDA build, no GPU).
+  tensor([0], undefined, { device }).dispose();
   if (dtype !== 'f32' && dtype !== 'bf16') throw new ModelLoadError(`loadModel: dtype must be 'f32' or 'bf16', got ${String(dtype)}`);
   if (q !== undefined && q !== 'nf4') throw new ModelLoadError(`loadModel: quantize must be 'nf4' or absent, got ${String(q)}`);
   const config = await readConfig(dir);
   const ckpt = await openCheckpoint(dir).catch((err: Error) => {
     throw err.name === 'SafetensorsError' ? err : new ModelLoadError(`loadModel: ${dir}: ${err.message}`);
   });
-  const model: LoadedModel = new CausalLM(config, { init: 'empty', dtype });
+  const model: LoadedModel = new CausalLM(config, { init: 'empty', dtype, device });
   try {
     const declared = new Set(model.declaredParameters());
     const quantized = new Set(q ? model.linearLayers().map(([name]) => `${name}.weight`) : []);
@@ -110,17 +154,13 @@ export async function loadModel(dir: string, options: LoadModelOptions = {}): Pr
       const bytes = staging.subarray(0, info.byteLength);
       await ckpt.readInto(name, bytes);
       const t = detached((s) => {
-        const raw = tensorFromBytes(bytes, info);
+        const raw = tensorFromBytes(bytes, info, device);
         const cast = raw.dtype === dtype ? raw : raw.to(dtype);
         return s.keep(cast);
       });
       if (quantized.has(name)) {
         const layer = model.getModule(name.slice(0, -'.weight'.length)) as import('../nn/layers.js').Linear;
-        const w = detached((s) => {
-          const w = quantize(t, { blockSize, doubleQuant: true });
-          for (const part of [w.packed, w.absmax, w.scale2, w.offset]) if (part) s.keep(part);
-          return w;
-        });
+        const w = quantizeWeight(t, blockSize);
         layer.setQuantized(w);
         t.dispose();
         // Reading outpaces quantizing: wait for this weight's kernel (without blocking the event
@@ -151,16 +191,16 @@ function expectedShape(model: CausalLM, name: string): number[] {
   throw new ModelLoadError(`loadModel: no known shape for '${name}'`);
 }
 
-/** A tensor (owned by the current scope) from a safetensors entry's bytes: F32, BF16 or F16. */
-export function tensorFromBytes(bytes: Uint8Array, info: SafetensorsTensorInfo): Tensor {
+/** A tensor (owned by the current scope, on `device`) from a safetensors entry's bytes: F32, BF16 or F16. */
+export function tensorFromBytes(bytes: Uint8Array, info: SafetensorsTensorInfo, device: Device = 'cpu'): Tensor {
   const dtype = tunekitDTypeOf(info.dtype);
   if (dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'f16')
     throw new ModelLoadError(`loadModel: tensor '${info.name}' has dtype ${info.dtype}; model weights must be F32, BF16 or F16`);
   // Typed arrays need aligned offsets; a fresh copy is aligned.
   const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
   const shape = [...info.shape];
-  if (dtype === 'f32') return tensor(new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4), shape);
-  return tensor(new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2), shape, { dtype });
+  if (dtype === 'f32') return tensor(new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4), shape, { device });
+  return tensor(new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2), shape, { dtype, device });
 }
 
 export interface SaveModelOptions {

@@ -15,7 +15,7 @@ import { matmul } from '../ops/matmul.js';
 import { swiglu } from '../ops/norm.js';
 import { rope } from '../ops/rope.js';
 import { concat } from '../ops/shape.js';
-import type { Tensor } from '../tensor.js';
+import { canonicalDevice, type Device, type Tensor } from '../tensor.js';
 import type { ModelConfig } from './config.js';
 
 export interface ForwardOptions {
@@ -167,9 +167,13 @@ export class DecoderStack extends Module {
 export class CausalLM extends Module {
   readonly model: DecoderStack;
   readonly lmHead: Linear | null;
+  /** Where the weights live ('cpu', 'cuda:0', ...); inputs built for the model go there too. */
+  readonly device: Device;
 
   constructor(readonly config: ModelConfig, init: InitOptions = {}) {
     super();
+    this.device = canonicalDevice(init.device ?? 'cpu', 'CausalLM');
+    init = { ...init, device: this.device };
     this.model = this.addModule('model', new DecoderStack(config, init));
     this.lmHead = config.tieWordEmbeddings ? null : this.addModule('lm_head', new Linear(config.hiddenSize, config.vocabSize, init));
   }

@@ -16,7 +16,7 @@ import { owned } from '../nn/module.js';
 import { add, scale } from '../ops/elementwise.js';
 import { matmul } from '../ops/matmul.js';
 import { noGrad } from '../autograd.js';
-import { tensor } from '../tensor.js';
+import { tensor, type Tensor } from '../tensor.js';
 import type { CausalLM } from './llama.js';
 
 export interface LoraOptions {
@@ -189,12 +189,13 @@ export async function loadAdapter(model: CausalLM, dir: string): Promise<LoraSta
         throw new AdapterError(`loadAdapter: ${dir}: tensor '${info.name}' has shape [${info.shape.join(', ')}], the model expects [${target.shape.join(', ')}]`);
       const bytes = await ckpt.read(info.name);
       const aligned = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
+      const device = target.device;
       const t = owned(() => {
         const raw =
           info.dtype === 'F32'
-            ? tensor(new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4), [...info.shape])
+            ? tensor(new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4), [...info.shape], { device })
             : info.dtype === 'BF16' || info.dtype === 'F16'
-              ? tensor(new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2), [...info.shape], { dtype: info.dtype === 'BF16' ? 'bf16' : 'f16' })
+              ? tensor(new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2), [...info.shape], { dtype: info.dtype === 'BF16' ? 'bf16' : 'f16', device })
               : null;
         if (!raw) throw new AdapterError(`loadAdapter: ${dir}: tensor '${info.name}' has dtype ${info.dtype}; LoRA weights must be F32, BF16 or F16`);
         return raw.dtype === target.dtype ? raw : raw.to(target.dtype);
@@ -209,8 +210,9 @@ export async function loadAdapter(model: CausalLM, dir: string): Promise<LoraSta
 }
 
 /**
- * Folds every adapter into its base weight, W' = W + scale * B A, and removes the adapters. An
- * NF4 base is dequantized first, so the result is a full-precision model (f32).
+ * Folds every adapter into its base weight, W' = W + scale * B A, and removes the adapters. The
+ * sum is formed in f32 and rounded once to the layer's dtype; an NF4 base is dequantized first,
+ * so the result is a dense model in the dtype it was loaded in.
  */
 export function mergeLora(model: CausalLM): void {
   const state = loraStates.get(model);
@@ -218,8 +220,9 @@ export function mergeLora(model: CausalLM): void {
   for (const path of state.modules) {
     const layer = model.getModule(path) as import('../nn/layers.js').Linear;
     const { weight, temporary } = layer.denseWeight('f32');
-    const dtype = layer.quantized ? 'f32' : weight.dtype;
-    const merged = noGrad(() => owned(() => add(weight, scale(matmul(layer.loraB, layer.loraA), layer.loraScale)).to(dtype)));
+    const dtype = layer.quantized ? layer.dtype : weight.dtype;
+    const f32 = (t: Tensor) => (t.dtype === 'f32' ? t : t.to('f32'));
+    const merged = noGrad(() => owned(() => add(f32(weight), scale(matmul(f32(layer.loraB), f32(layer.loraA)), layer.loraScale)).to(dtype)));
     if (temporary) weight.dispose();
     if (layer.quantized) {
       layer.quantized.dispose();

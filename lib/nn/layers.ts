@@ -5,12 +5,12 @@ import { add, dropout, scale } from '../ops/elementwise.js';
 import { matmul } from '../ops/matmul.js';
 import { embedding, rmsNorm } from '../ops/norm.js';
 import { qloraLinear } from '../ops/qlora.js';
-import { ones, randn, zeros, type DType, type Tensor } from '../tensor.js';
+import { ones, randn, zeros, type Device, type DType, type Tensor } from '../tensor.js';
 import { Module, owned } from './module.js';
 
 export interface InitOptions {
   dtype?: DType;
-  device?: string;
+  device?: Device;
   /** 'random' draws weights (N(0, std)); 'empty' declares them to be loaded from a checkpoint. */
   init?: 'random' | 'empty';
   /** Standard deviation of random weights. Default 0.02 (Hugging Face's initializer_range). */
@@ -24,6 +24,8 @@ export class Linear extends Module {
   loraScale = 0;
   /** Dropout probability on the LoRA input. */
   loraDropout = 0;
+  /** The dtype the layer computes in: its dense weight's, and its LoRA pair's when the base is NF4. */
+  readonly dtype: DType;
 
   constructor(
     readonly inFeatures: number,
@@ -32,8 +34,9 @@ export class Linear extends Module {
   ) {
     super();
     const { dtype = 'f32', device = 'cpu', init = 'random', std = 0.02, seed } = options;
-    this.setParam('weight', init === 'random' ? owned(() => randn([outFeatures, inFeatures], { dtype, device: device as 'cpu', std, seed })) : null);
-    if (options.bias) this.setParam('bias', init === 'random' ? owned(() => zeros([outFeatures], { dtype, device: device as 'cpu' })) : null);
+    this.dtype = dtype;
+    this.setParam('weight', init === 'random' ? owned(() => randn([outFeatures, inFeatures], { dtype, device, std, seed })) : null);
+    if (options.bias) this.setParam('bias', init === 'random' ? owned(() => zeros([outFeatures], { dtype, device })) : null);
   }
 
   get weight(): Tensor {
@@ -72,8 +75,8 @@ export class Linear extends Module {
   /** Adds a LoRA pair: A [r, in] random, B [out, r] zero, so the layer starts unchanged. */
   addLora(r: number, scaleValue: number, dropoutP: number, options: { seed?: number } = {}): void {
     const w = this.quantized ? null : this.weight;
-    const dtype = w?.dtype ?? 'f32';
-    const device = (w?.device ?? this.quantized!.packed.device) as 'cpu';
+    const dtype = w?.dtype ?? this.dtype;
+    const device = w?.device ?? this.quantized!.packed.device;
     // PEFT draws A from kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); a normal
     // with the same variance keeps its scale.
     const std = 1 / Math.sqrt(3 * this.inFeatures);
@@ -145,7 +148,7 @@ export class Embedding extends Module {
   ) {
     super();
     const { dtype = 'f32', device = 'cpu', init = 'random', std = 0.02, seed } = options;
-    this.setParam('weight', init === 'random' ? owned(() => randn([numEmbeddings, dim], { dtype, device: device as 'cpu', std, seed })) : null);
+    this.setParam('weight', init === 'random' ? owned(() => randn([numEmbeddings, dim], { dtype, device, std, seed })) : null);
   }
 
   get weight(): Tensor {
@@ -166,7 +169,7 @@ export class RMSNorm extends Module {
   ) {
     super();
     const { dtype = 'f32', device = 'cpu', init = 'random' } = options;
-    this.setParam('weight', init === 'random' ? owned(() => ones([dim], { dtype, device: device as 'cpu' })) : null);
+    this.setParam('weight', init === 'random' ? owned(() => ones([dim], { dtype, device })) : null);
   }
 
   get weight(): Tensor {

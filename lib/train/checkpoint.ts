@@ -93,7 +93,7 @@ export async function loadCheckpoint(path: string, model: CausalLM): Promise<Res
         if (!info) throw new Error(`resume: ${path} has no tensor '${name}'`);
         const bytes = await ckpt.read(name);
         const fresh = owned(() => {
-          const raw = tensorFromBytes(bytes, info);
+          const raw = tensorFromBytes(bytes, info, t.device);
           return raw.dtype === t.dtype ? raw : raw.to(t.dtype);
         });
         fresh.requiresGrad = t.requiresGrad;

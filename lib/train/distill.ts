@@ -29,10 +29,11 @@ export function distillLossFn(teacher: CausalLM, options: DistillStageOptions = 
   return (model, b, { checkpointLayers }) => {
     const { targets, h } = batchHidden(model, b, checkpointLayers);
     const shape = [b.batchSize, b.seqLen];
+    const { device } = teacher;
     const th = noGrad(() =>
-      teacher.hidden(tensor(b.ids, shape), {
-        positions: b.positions ? tensor(b.positions, shape) : undefined,
-        segmentIds: b.segmentIds ? tensor(b.segmentIds, shape) : undefined,
+      teacher.hidden(tensor(b.ids, shape, { device }), {
+        positions: b.positions ? tensor(b.positions, shape, { device }) : undefined,
+        segmentIds: b.segmentIds ? tensor(b.segmentIds, shape, { device }) : undefined,
       }),
     );
     // The loss is a mean over the counted tokens; the trainer wants their sum.

@@ -102,8 +102,9 @@ function rowsOf(pairs: readonly TokenizedPair[], seqLen: number): { ids: Int32Ar
 
 /** Sequence log-probs of the answers of a batch of pairs: [2P] (chosen first), with gradients when recording. */
 function pairLogprobs(model: CausalLM, ids: Int32Array, targets: Int32Array, rows: number, T: number): Tensor {
-  const logits = model.forward(tensor(ids, [rows, T]));
-  return sequenceLogprobs(logits, tensor(targets, [rows, T]));
+  const { device } = model;
+  const logits = model.forward(tensor(ids, [rows, T], { device }));
+  return sequenceLogprobs(logits, tensor(targets, [rows, T], { device }));
 }
 
 /** The reference log-probs of every pair under the model as it is now (no gradients). */
@@ -193,7 +194,8 @@ export function dpoLossFn(options: DpoOptions = {}): LossFn<PreferenceBatch> {
     const lp = pairLogprobs(model, b.ids, b.targets, 2 * P, b.seqLen);
     const pc = narrow(lp, 0, 0, P);
     const pr = narrow(lp, 0, P, P);
-    const r = dpoLoss(pc, pr, tensor(b.refChosen, [P]), tensor(b.refRejected, [P]), { beta, kind, labelSmoothing });
+    const { device } = model;
+    const r = dpoLoss(pc, pr, tensor(b.refChosen, [P], { device }), tensor(b.refRejected, [P], { device }), { beta, kind, labelSmoothing });
     const margins = sub(r.chosenRewards, r.rejectedRewards);
     return {
       loss: scale(r.loss, P),

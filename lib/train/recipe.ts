@@ -6,6 +6,8 @@ import { readFile } from 'node:fs/promises';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 
+import { DEVICE_PATTERN } from '../tensor.js';
+
 const positiveInt = z.number().int().positive();
 const nonNegativeInt = z.number().int().nonnegative();
 
@@ -137,6 +139,10 @@ export const recipeSchema = z.strictObject({
   output: z.string().min(1),
   seed: nonNegativeInt.default(0),
   threads: positiveInt.optional(),
+  /** Where every stage trains: 'cpu', 'cuda' or 'cuda:N'. */
+  device: z.string().regex(DEVICE_PATTERN, "use 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
+  /** The dtype of the weights that are not NF4 (and so of activations). bf16 is the usual choice on a GPU. */
+  dtype: z.enum(['f32', 'bf16']).default('f32'),
   stages: z.array(stageSchema).min(1),
 });
 

@@ -20,7 +20,7 @@ import { createModel, loadModel, saveModel } from '../models/io.js';
 import type { CausalLM } from '../models/llama.js';
 import { applyLora, mergeLora, saveAdapter } from '../models/lora.js';
 import { setThreads } from '../runtime.js';
-import { manualSeed } from '../tensor.js';
+import { manualSeed, type Device } from '../tensor.js';
 import { ByteTokenizer } from '../tokenizer/byte.js';
 import { loadTokenizer } from '../tokenizer/load.js';
 import type { Tokenizer } from '../tokenizer/types.js';
@@ -188,10 +188,14 @@ async function runTrainingStage(recipe: Recipe, stage: TrainingStage, index: num
   const tokenizer: Tokenizer = previousDir ? await loadTokenizer(previousDir) : new ByteTokenizer();
   const quantize = stage.lora?.quantize;
   const fresh = stage.type === 'distill' && stage.student ? stage.student : !previousDir ? (recipe.model as { preset: 'micro' | 'mini' | 'tiny' | 'small'; seed?: number }) : null;
+  const placement = { device: recipe.device as Device, dtype: recipe.dtype };
   const model: CausalLM = fresh
-    ? createModel({ preset: fresh.preset, vocabSize: tokenizer.vocabSize }, { seed: fresh.seed ?? seed })
-    : await loadModel(previousDir!, quantize ? { quantize } : {});
-  const teacher = stage.type === 'distill' ? await loadModel(at(stage.teacher)) : null;
+    ? createModel({ preset: fresh.preset, vocabSize: tokenizer.vocabSize }, { ...placement, seed: fresh.seed ?? seed })
+    : await loadModel(previousDir!, { ...placement, ...(quantize ? { quantize } : {}) });
+  const teacher = stage.type === 'distill' ? await loadModel(at(stage.teacher), placement).catch((err: unknown) => {
+    model.dispose();
+    throw err;
+  }) : null;
   try {
     if (teacher) checkTeacher(model, teacher);
     if (stage.rope) applyRope(model, stage.rope);

@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import type { CausalLM } from '../models/llama.js';
 import { linearCrossEntropy } from '../ops/loss.js';
 import { AdamW, clipGradNorm } from '../optim/adamw.js';
+import { memory } from '../runtime.js';
 import { tidy } from '../scope.js';
 import { tensor, type Tensor } from '../tensor.js';
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint } from './checkpoint.js';
@@ -57,7 +58,10 @@ export interface ProgressEvent {
   tokensPerSecond: number;
   elapsedSeconds: number;
   etaSeconds: number;
+  /** The process's resident memory. */
   memoryBytes: number;
+  /** When the model is on a GPU: the most device memory allocated at once so far (tk.memory()'s peakAllocatedBytes). */
+  deviceMemoryBytes?: number;
   eval?: Record<string, number>;
 }
 
@@ -239,6 +243,7 @@ export async function train<B = Batch>(options: TrainerOptions<B>): Promise<Trai
           elapsedSeconds: elapsed,
           etaSeconds: ((steps - step) * elapsed) / Math.max(1, step - startStep),
           memoryBytes: process.memoryUsage().rss,
+          ...(model.device === 'cpu' ? {} : { deviceMemoryBytes: memory()[model.device]?.peakAllocatedBytes ?? 0 }),
           ...(Object.keys(metrics).length ? { metrics } : {}),
         };
         if (options.evaluate && options.evalEvery && (step % options.evalEvery === 0 || step === steps)) {
@@ -280,11 +285,12 @@ export function batchHidden(model: CausalLM, b: Batch, checkpointLayers: boolean
   const shape = [b.batchSize, b.seqLen];
   if (b.ids.length !== b.batchSize * b.seqLen || b.targets.length !== b.ids.length)
     throw new TrainError(`train: a batch's ids (${b.ids.length}) and targets (${b.targets.length}) must both hold batchSize x seqLen = ${b.batchSize * b.seqLen} values`);
-  const ids = tensor(b.ids, shape);
-  const targets = tensor(b.targets, shape);
+  const { device } = model;
+  const ids = tensor(b.ids, shape, { device });
+  const targets = tensor(b.targets, shape, { device });
   const h = model.hidden(ids, {
-    positions: b.positions ? tensor(b.positions, shape) : undefined,
-    segmentIds: b.segmentIds ? tensor(b.segmentIds, shape) : undefined,
+    positions: b.positions ? tensor(b.positions, shape, { device }) : undefined,
+    segmentIds: b.segmentIds ? tensor(b.segmentIds, shape, { device }) : undefined,
     checkpointLayers,
   });
   return { ids, targets, h };

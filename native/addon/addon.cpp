@@ -6,6 +6,7 @@
 #include <napi.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -53,6 +54,7 @@ Device arg_device(const Napi::Value& v) {
   std::string s = v.As<Napi::String>();
   if (s == "cpu") return Device{DeviceType::CPU, 0};
   if (s == "cuda") return Device{DeviceType::CUDA, 0};
+  if (s == "cuda-standin") return Device{DeviceType::CPU, tk::kCudaStandinIndex};
   if (s.rfind("cuda:", 0) == 0 && s.size() > 5 && s.size() < 8 &&
       s.find_first_not_of("0123456789", 5) == std::string::npos)
     return Device{DeviceType::CUDA, std::stoi(s.substr(5))};
@@ -872,6 +874,10 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
     out.Set("cpu", device_memory(env, Device{DeviceType::CPU, 0}));
     int n = tk::Runtime::get().cuda_device_count();
     for (int i = 0; i < n; ++i) out.Set("cuda:" + std::to_string(i), device_memory(env, Device{DeviceType::CUDA, i}));
+    // The stand-in's tensors and bytes are its own; its allocator figures are the CPU's.
+    const char* standin = std::getenv("TUNEKIT_CUDA_STANDIN");
+    if (tk::Runtime::get().cuda_compiled() && standin && std::string(standin) == "1")
+      out.Set("cuda-standin", device_memory(env, Device{DeviceType::CPU, tk::kCudaStandinIndex}));
     return out;
   });
 }

@@ -13,12 +13,24 @@ namespace tk {
 
 enum class DeviceType : uint8_t { CPU = 0, CUDA = 1 };
 
+// CPU index 1 is the CUDA stand-in ('cuda-standin'), a device for testing device placement on
+// machines without a GPU: its memory and kernels are the CPU's, but it is a device of its own (an
+// op mixing it with 'cpu' tensors fails as it would with 'cuda'), and an op runs on it only if the
+// op has a CUDA kernel in this build. So a training run on the stand-in proves that every tensor
+// lands on the model's device and every op it uses exists on CUDA; it proves nothing about the
+// CUDA kernels themselves. It exists only in a CUDA build with TUNEKIT_CUDA_STANDIN=1 set.
+constexpr int kCudaStandinIndex = 1;
+
 struct Device {
   DeviceType type = DeviceType::CPU;
   int index = 0;
   bool operator==(const Device& o) const { return type == o.type && index == o.index; }
   bool operator!=(const Device& o) const { return !(*this == o); }
-  std::string name() const { return type == DeviceType::CPU ? "cpu" : "cuda:" + std::to_string(index); }
+  bool is_cuda_standin() const { return type == DeviceType::CPU && index == kCudaStandinIndex; }
+  std::string name() const {
+    if (type == DeviceType::CUDA) return "cuda:" + std::to_string(index);
+    return is_cuda_standin() ? "cuda-standin" : "cpu";
+  }
 };
 
 constexpr int kMaxDims = 8;

@@ -24,15 +24,20 @@
 // The CUDA column of a launch: `call` runs on the caller's thread and issues its work on the
 // device queue's stream (named `stream` inside `call`).
 #define TK_CUDA(call) [=](Queue& tk_queue) { void* stream = cuda::stream_of(tk_queue); call; }
+// The CUDA column of a CPU-path launch whose CUDA work is issued by a separate branch of the op:
+// it only tells the 'cuda-standin' device that the op exists on CUDA, and never runs.
+#define TK_CUDA_ELSEWHERE [](Queue&) { fail("internal error: a CUDA-elsewhere column ran"); }
 #else
 #define TK_CUDA(call) nullptr
+#define TK_CUDA_ELSEWHERE nullptr
 #endif
 
 namespace tk {
 
 // ---- storage and tensors -------------------------------------------------------------------------
 
-Storage::Storage(Device dev, size_t n) : device(dev), bytes(n), ptr(Runtime::get().allocate(dev, n)) {}
+Storage::Storage(Device dev, size_t n, bool host_writes_now)
+    : device(dev), bytes(n), ptr(Runtime::get().allocate(dev, n, host_writes_now)) {}
 Storage::~Storage() { Runtime::get().release(device, ptr, bytes); }
 
 Tensor::Tensor(std::shared_ptr<Storage> storage, DType dtype, std::vector<int64_t> shape)
@@ -94,6 +99,8 @@ struct DeviceKernels {
 
 void launch(const char* op, Device dev, DeviceKernels k) {
   Runtime& rt = Runtime::get();
+  if (dev.is_cuda_standin())
+    TK_CHECK(k.cuda, op, ": no CUDA kernel in this version of tunekit (seen on the 'cuda-standin' test device)");
   if (dev.type == DeviceType::CPU) {
     CpuQueue& q = rt.cpu();
     q.enqueue([&q, fn = std::move(k.cpu)] { fn(q.pool()); });
@@ -130,10 +137,12 @@ TensorPtr from_host(const void* data, size_t bytes, const std::vector<int64_t>& 
   size_t want = size_t(n) * dtype_size(dtype);
   TK_CHECK(bytes == want, "tensor: shape ", shape_str(shape), " needs ", n, " ", dtype_name(dtype),
            " elements (", want, " bytes) but the data has ", bytes, " bytes");
-  TensorPtr t = empty(shape, dtype, dev);
+  // On the CPU the copy happens now, so the block must be one no queued work still reads.
+  auto storage = std::make_shared<Storage>(dev, want, /*host_writes_now=*/dev.type == DeviceType::CPU);
+  TensorPtr t = std::make_unique<Tensor>(std::move(storage), dtype, shape);
   if (bytes == 0) return t;
   if (dev.type == DeviceType::CPU) {
-    // Fresh memory no queued work can touch yet: copy now, so the caller may reuse `data`.
+    // Memory no queued work can touch: copy now, so the caller may reuse `data`.
     std::memcpy(t->storage()->ptr, data, bytes);
   } else {
 #ifdef TUNEKIT_WITH_CUDA
@@ -558,7 +567,7 @@ TensorPtr rope_apply(const Tensor& x, const Tensor* positions, double theta, con
                             RopeFrequencies f = rope_inv_freq(D, theta, scaling, longest);
                             kernel(xv, pv, per_batch, f.inv_freq, f.attention_factor, ov, pool);
                           },
-                          nullptr});
+                          TK_CUDA_ELSEWHERE});
   return out;
 }
 
