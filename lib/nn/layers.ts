@@ -24,7 +24,7 @@ export class Linear extends Module {
   loraScale = 0;
   /** Dropout probability on the LoRA input. */
   loraDropout = 0;
-  /** The dtype the layer computes in: its dense weight's, and its LoRA pair's when the base is NF4. */
+  /** The dtype the layer was built in (its dense weight's; what mergeLora gives an NF4 base). */
   readonly dtype: DType;
 
   constructor(
@@ -72,10 +72,14 @@ export class Linear extends Module {
     this.setParam('weight', null);
   }
 
-  /** Adds a LoRA pair: A [r, in] random, B [out, r] zero, so the layer starts unchanged. */
+  /**
+   * Adds a LoRA pair: A [r, in] random, B [out, r] zero, so the layer starts unchanged. The pair
+   * is f32 whatever the base's dtype (PEFT's autocast_adapter_dtype): it is what the optimizer
+   * updates, and bf16 would round away small updates. forward() casts it to the activations' dtype.
+   */
   addLora(r: number, scaleValue: number, dropoutP: number, options: { seed?: number } = {}): void {
     const w = this.quantized ? null : this.weight;
-    const dtype = w?.dtype ?? this.dtype;
+    const dtype = 'f32';
     const device = w?.device ?? this.quantized!.packed.device;
     // PEFT draws A from kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); a normal
     // with the same variance keeps its scale.
@@ -104,17 +108,19 @@ export class Linear extends Module {
   /** x [..., in] -> [..., out]. */
   forward(x: Tensor): Tensor {
     const p = this.training ? this.loraDropout : 0;
+    // The f32 LoRA pair in the activations' dtype (a differentiable cast: its gradients are f32).
+    const lora = (t: Tensor) => (t.dtype === x.dtype ? t : t.to(x.dtype));
     let y: Tensor;
     if (this.quantized && this.hasLora) {
       // QLoRA: the NF4 weight is dequantized inside the GEMM, forward and backward.
-      y = qloraLinear(x, this.quantized, this.loraA, this.loraB, { scale: this.loraScale, dropout: p });
+      y = qloraLinear(x, this.quantized, lora(this.loraA), lora(this.loraB), { scale: this.loraScale, dropout: p });
     } else {
       const w = this.quantized ? dequantize(this.quantized, { dtype: x.dtype }) : this.weight;
       y = matmul(x, w, { transB: true });
       if (this.quantized) w.dispose();  // queued after the product that reads it
       if (this.hasLora) {
-        const h = matmul(p > 0 ? dropout(x, { p }) : x, this.loraA, { transB: true });
-        y = add(y, scale(matmul(h, this.loraB, { transB: true }), this.loraScale));
+        const h = matmul(p > 0 ? dropout(x, { p }) : x, lora(this.loraA), { transB: true });
+        y = add(y, scale(matmul(h, lora(this.loraB), { transB: true }), this.loraScale));
       }
     }
     const b = this.bias;

@@ -22,8 +22,8 @@ import { readJsonl, type DataSource } from '../data/jsonl.js';
 import type { ChatTurn } from '../data/records.js';
 import { generate } from '../generate/index.js';
 import type { CausalLM } from '../models/llama.js';
-import { dpoLoss, sequenceLogprobs } from '../ops/loss.js';
-import { narrow } from '../ops/shape.js';
+import { dpoLoss, linearCrossEntropy } from '../ops/loss.js';
+import { concat, narrow } from '../ops/shape.js';
 import { scale, sub } from '../ops/elementwise.js';
 import { tidy } from '../scope.js';
 import { tensor, type Tensor } from '../tensor.js';
@@ -100,11 +100,20 @@ function rowsOf(pairs: readonly TokenizedPair[], seqLen: number): { ids: Int32Ar
   return { ids, targets, T };
 }
 
-/** Sequence log-probs of the answers of a batch of pairs: [2P] (chosen first), with gradients when recording. */
+/**
+ * Sequence log-probs of the answers of a batch of pairs: [2P] (chosen first), with gradients when
+ * recording. A row's log-prob is minus its summed cross entropy, computed by the fused, chunked
+ * LM-head loss one row at a time, so the [2P, T, V] logits (gigabytes at a 128k vocabulary) never
+ * exist.
+ */
 function pairLogprobs(model: CausalLM, ids: Int32Array, targets: Int32Array, rows: number, T: number): Tensor {
   const { device } = model;
-  const logits = model.forward(tensor(ids, [rows, T], { device }));
-  return sequenceLogprobs(logits, tensor(targets, [rows, T], { device }));
+  const h = model.hidden(tensor(ids, [rows, T], { device }));
+  const t = tensor(targets, [rows, T], { device });
+  const perRow = Array.from({ length: rows }, (_, r) =>
+    scale(linearCrossEntropy(narrow(h, 0, r, 1), model.lmHeadWeight, narrow(t, 0, r, 1), { reduction: 'sum' }), -1).reshape([1]),
+  );
+  return concat(perRow, 0);
 }
 
 /** The reference log-probs of every pair under the model as it is now (no gradients). */
