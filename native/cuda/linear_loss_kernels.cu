@@ -16,6 +16,7 @@
 #include "check.cuh"
 #include "device.h"
 #include "gemm_kernels.h"
+#include "internal.cuh"
 #include "loss_kernels.h"
 
 namespace tk {
@@ -242,14 +243,15 @@ void require_cublaslt(const char* op) {
 
 // ================================ host: scratch =====================================================
 
-// A stream-ordered scratch block carved into 256-byte-aligned sub-buffers: reserve() sizes on the
-// host, allocate() takes one cudaMallocAsync on the stream, and the destructor gives it back with
-// cudaFreeAsync on the same stream (after this call's kernels, in stream order).
+// A scratch block carved into 256-byte-aligned sub-buffers: reserve() sizes on the host,
+// allocate() takes one block from tunekit's caching allocator tagged with the stream, and the
+// destructor releases it on the same stream (reusable only by work issued after this call's
+// kernels). Through the allocator, the scratch counts in tk.memory() and its peak.
 class Arena {
  public:
-  Arena(cudaStream_t st, const char* op) : st_(st), op_(op) {}
+  Arena(cudaStream_t st, const char* op) : st_(st), op_(op) { CUDA_CHECK(cudaGetDevice(&device_)); }
   ~Arena() {
-    if (base_) cudaFreeAsync(base_, st_);
+    if (base_) cuda::detail::release_on(device_, base_, st_);
   }
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
@@ -266,13 +268,7 @@ class Arena {
     // + kAlign: the pool's pointer is aligned to at least 256 bytes in practice; the slack makes
     // the sub-buffers' alignment independent of that.
     const size_t bytes = size_ + kAlign;
-    const cudaError_t e = cudaMallocAsync(&base_, bytes, st_);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      base_ = nullptr;
-      fail(op_, ": cannot allocate ", bytes, " bytes of CUDA scratch (cudaMallocAsync: ", cuda::error_text(e),
-           "); a smaller chunk_rows needs less");
-    }
+    base_ = cuda::detail::allocate_on(device_, bytes, st_);
     const uintptr_t p = reinterpret_cast<uintptr_t>(base_);
     aligned_ = reinterpret_cast<char*>((p + kAlign - 1) / kAlign * kAlign);
     bytes_ = int64_t(bytes);
@@ -285,6 +281,7 @@ class Arena {
 
  private:
   cudaStream_t st_;
+  int device_ = 0;
   const char* op_;
   size_t size_ = 0;
   void* base_ = nullptr;

@@ -23,6 +23,7 @@
 
 #include "../core/error.h"
 #include "check.cuh"
+#include "internal.cuh"
 
 namespace tk {
 namespace {
@@ -641,22 +642,19 @@ void check_reduction(LossReduction r, const char* op) {
            ": unknown reduction ", int(r));
 }
 
-// One stream-ordered scratch block: cudaMallocAsync on the stream, cudaFreeAsync on the same
-// stream when the call returns (or throws). The free is ordered after the kernels the call issued,
-// so they finish with the memory before the pool hands it to later work.
+// One stream-ordered scratch block from tunekit's caching allocator, tagged with the stream and
+// released on it when the call returns (or throws): the block is handed out again only to work
+// issued after this call's kernels. Through the allocator it counts in tk.memory() and its peak.
 class AsyncScratch {
  public:
-  AsyncScratch(size_t bytes, cudaStream_t st, const char* op) : st_(st) {
+  // Out of memory is the allocator's error, which names the size and the free memory.
+  AsyncScratch(size_t bytes, cudaStream_t st) : st_(st) {
     if (bytes == 0) return;
-    const cudaError_t e = cudaMallocAsync(&p_, bytes, st);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      p_ = nullptr;
-      fail(op, ": cannot allocate ", bytes, " bytes of CUDA scratch (cudaMallocAsync: ", cuda::error_text(e), ")");
-    }
+    CUDA_CHECK(cudaGetDevice(&device_));
+    p_ = cuda::detail::allocate_on(device_, bytes, st);
   }
   ~AsyncScratch() {
-    if (p_) cudaFreeAsync(p_, st_);
+    if (p_) cuda::detail::release_on(device_, p_, st_);
   }
   AsyncScratch(const AsyncScratch&) = delete;
   AsyncScratch& operator=(const AsyncScratch&) = delete;
@@ -666,6 +664,7 @@ class AsyncScratch {
  private:
   void* p_ = nullptr;
   cudaStream_t st_;
+  int device_ = 0;
 };
 
 cudaStream_t to_stream(void* s) { return static_cast<cudaStream_t>(s); }
@@ -796,7 +795,7 @@ void cross_entropy_forward_cuda(const TensorView& logits, const TensorView& targ
   if (reduction != LossReduction::None) check_out_f32(loss, 1, logits, op, "loss");
   const cudaStream_t st = to_stream(stream);
   const bool mean = reduction == LossReduction::Mean;
-  AsyncScratch count(mean ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(mean ? sizeof(int64_t) : 0, st);
   if (mean) launch_count(targets, d.N, ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = logits.data;
@@ -822,7 +821,7 @@ void cross_entropy_backward_cuda(const TensorView& logits, const TensorView& tar
   check_grad_like(dlogits, logits, op, "dlogits", "logits");
   const cudaStream_t st = to_stream(stream);
   const bool mean = reduction == LossReduction::Mean;
-  AsyncScratch count(mean ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(mean ? sizeof(int64_t) : 0, st);
   if (mean) launch_count(targets, d.N, ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = logits.data;
@@ -855,7 +854,7 @@ void cross_entropy_fused_cuda(const TensorView& logits, const TensorView& target
   check_grad_like(dlogits, logits, op, "dlogits", "logits");
   const cudaStream_t st = to_stream(stream);
   const bool mean = reduction == LossReduction::Mean;
-  AsyncScratch count(mean ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(mean ? sizeof(int64_t) : 0, st);
   if (mean) launch_count(targets, d.N, ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = logits.data;
@@ -902,7 +901,7 @@ void sequence_logprobs_forward_cuda(const TensorView& logits, const TensorView& 
   check_out_f32(out, d.B, logits, op, "out");
   check_out_f32(lse, d.B * d.T, logits, op, "lse");
   const cudaStream_t st = to_stream(stream);
-  AsyncScratch row_loss(size_t(d.B * d.T) * sizeof(float), st, op);
+  AsyncScratch row_loss(size_t(d.B * d.T) * sizeof(float), st);
   RowArgs a;
   a.s = logits.data;
   a.lds = d.V;
@@ -983,7 +982,7 @@ void distill_forward_cuda(const TensorView& student, const TensorView& teacher, 
   check_out_f32(losses, d.N, student, op, "losses");
   check_out_f32(loss, 1, student, op, "loss");
   const cudaStream_t st = to_stream(stream);
-  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = student.data;
@@ -1008,7 +1007,7 @@ void distill_backward_cuda(const TensorView& student, const TensorView& teacher,
   check_out_f32(dloss, 1, student, op, "dloss");
   check_grad_like(dstudent, student, op, "dstudent", "student");
   const cudaStream_t st = to_stream(stream);
-  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = student.data;
@@ -1037,7 +1036,7 @@ void distill_fused_cuda(const TensorView& student, const TensorView& teacher, co
   check_out_f32(loss, 1, student, op, "loss");
   check_grad_like(dstudent, student, op, "dstudent", "student");
   const cudaStream_t st = to_stream(stream);
-  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st, op);
+  AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
   RowArgs a;
   a.s = student.data;

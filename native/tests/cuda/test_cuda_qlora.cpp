@@ -20,8 +20,13 @@
 //   bit (the same dropout_keep mask), for f32 and bf16 x.
 // - N = 0 (dA, dB zeroed) and 3-D x; argument errors (tk::Error) including host tensors.
 // - Without cuBLASLt in the build the layer must fail with gemm_cuda's error (the GEMMs need it).
-// - --perf: forward + backward time against the dense bf16 GEMMs of the same layer (x W^T and
-//   dy W with a materialized bf16 W), and the share of NF4 dequantization in it.
+// - --perf: issue 8 (c). Forward + backward (dx, dA, dB) time against the dense bf16 GEMMs of
+//   the same frozen layer through gemm_cuda (cuBLASLt): x W^T and dy W with a materialized bf16 W
+//   (a frozen base needs no dW), at N 2048 / 4096 rows and in x out 4096 x 4096 and
+//   4096 x 14336, r 16, without dropout and with dropout 0.1; also the time to dequantize all of W
+//   (what a dequantize-then-GEMM layer would add). Medians of CUDA-event-timed runs, operands
+//   rotated between two sets so the timed runs do not read an L2 still holding the last run's
+//   inputs. Each shape ends with a "perf-json {...}" line for scripts/gpu-measure.sh.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -432,46 +437,59 @@ TK_TEST(cuda_qlora_rejects_bad_arguments) {
 
 // ==== --perf ==========================================================================================
 
-double gpu_best(const std::function<void()>& fn, int reps = 7) {
+// Median seconds of fn(i) over `reps` CUDA-event-timed runs (i = 0, 1, ... picks an operand set),
+// after one warm-up run.
+double gpu_median(const std::function<void(int)>& fn, int reps = 11) {
   cudaEvent_t e0, e1;
   ck(cudaEventCreate(&e0), "cudaEventCreate");
   ck(cudaEventCreate(&e1), "cudaEventCreate");
-  fn();
-  double best = 1e30;
+  fn(0);
+  std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(e0, nullptr);
-    fn();
-    cudaEventRecord(e1, nullptr);
+    ck(cudaEventRecord(e0, nullptr), "cudaEventRecord");
+    fn(i);
+    ck(cudaEventRecord(e1, nullptr), "cudaEventRecord");
     ck(cudaEventSynchronize(e1), "perf");
     float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
-    best = std::min(best, double(ms) * 1e-3);
+    ck(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+    t.push_back(double(ms) * 1e-3);
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  return best;
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Fills a device buffer of bf16 with N(0, std^2) values: one random tile of 4M values, uploaded
+// as often as it takes (generating hundreds of millions of normals on the host would dominate).
+void fill_bf16(void* dst, int64_t n, uint64_t seed, double std) {
+  const int64_t tile = std::min<int64_t>(n, int64_t(1) << 22);
+  std::vector<double> v = randn(size_t(tile), seed);
+  for (double& x : v) x *= std;
+  std::vector<unsigned char> host(size_t(tile) * 2);
+  from_double(v, host.data(), DType::BF16);
+  for (int64_t off = 0; off < n; off += tile)
+    ck(cudaMemcpy(static_cast<uint16_t*>(dst) + off, host.data(), size_t(std::min(tile, n - off)) * 2,
+                  cudaMemcpyHostToDevice),
+       "upload");
 }
 
 TK_TEST(cuda_qlora_perf) {
-  if (!tk::test::cuda::available() || !tk::cuda::has_cublaslt()) return;
+  if (!tk::test::cuda::available()) return;
+  if (!tk::cuda::has_cublaslt()) {
+    std::printf("  perf cuda qlora: skipped (this build has no cuBLASLt)\n");
+    return;
+  }
   struct Shape { int64_t N, in, out, r; };
-  const Shape shapes[] = {{2048, 4096, 4096, 16}, {4096, 4096, 11008, 16}, {512, 8192, 28672, 16}};
-  std::printf("  perf cuda qlora bf16 on %s (nf4 block 64 dq, best of 7):\n", tk::cuda::device_props(0).name.c_str());
+  const Shape shapes[] = {{2048, 4096, 4096, 16}, {4096, 4096, 4096, 16}, {2048, 4096, 14336, 16}, {4096, 4096, 14336, 16}};
+  const DType dt = DType::BF16;
+  std::printf("  perf cuda qlora bf16 on %s (nf4 block 64 dq, median of 11):\n", tk::cuda::device_props(0).name.c_str());
   for (const Shape& s : shapes) {
-    const DType dt = DType::BF16;
-    // W quantized on the device from random bf16 values.
+    // W quantized on the device from random bf16 values, and the same W dequantized for the dense GEMMs.
     const int64_t n = s.out * s.in;
     const Nf4Layout l = nf4_layout(n, 64, true);
     DeviceBuffer wsrc(size_t(n), dt), wdense(size_t(n), dt);
-    {
-      const int64_t tile = int64_t(1) << 22;
-      std::vector<unsigned char> rnd(size_t(tile) * 2);
-      from_double(randn(size_t(tile), 5), rnd.data(), dt);
-      for (int64_t off = 0; off < n; off += tile)
-        ck(cudaMemcpy(static_cast<uint16_t*>(wsrc.data()) + off, rnd.data(), size_t(std::min(tile, n - off)) * 2,
-                      cudaMemcpyHostToDevice),
-           "upload");
-    }
+    fill_bf16(wsrc.data(), n, 5, 0.02);
     DeviceBuffer packed(size_t(l.packed_bytes), DType::U8), qabsmax(size_t(l.absmax_bytes), DType::U8),
         scale2(size_t(l.scale2_bytes), DType::U8), offset(4, DType::U8);
     Nf4Out o;
@@ -490,40 +508,67 @@ TK_TEST(cuda_qlora_perf) {
     w.in = s.in;
     nf4_dequantize_cuda(w.q, n, 64, true, wdense.data(), dt, nullptr);
 
-    DTensor x({s.N, s.in}, dt), A({s.r, s.in}, dt), B({s.out, s.r}, dt), dy({s.N, s.out}, dt), y({s.N, s.out}, dt),
-        xa({s.N, s.r}, DType::F32), dx({s.N, s.in}, dt), dA({s.r, s.in}, dt), dB({s.out, s.r}, dt);
-    x.set(randn(size_t(s.N * s.in), 1));
-    A.set(randn(size_t(s.r * s.in), 2));
-    B.set(randn(size_t(s.out * s.r), 3));
-    dy.set(randn(size_t(s.N * s.out), 4));
-    QloraOptions opt;
-    opt.scale = 2.0f;
-    opt.dropout = 0.1f;
-    GemmParams fw;  // y = x W^T
-    fw.M = s.N, fw.N = s.out, fw.K = s.in, fw.ab_dtype = dt, fw.c_dtype = dt;
-    fw.A = x.ptr(), fw.lda = s.in, fw.B = wdense.data(), fw.ldb = s.in, fw.trans_b = true;
-    fw.C = y.ptr(), fw.ldc = s.out;
-    GemmParams bw;  // dx = dy W
-    bw.M = s.N, bw.N = s.in, bw.K = s.out, bw.ab_dtype = dt, bw.c_dtype = dt;
-    bw.A = dy.ptr(), bw.lda = s.out, bw.B = wdense.data(), bw.ldb = s.in;
-    bw.C = dx.ptr(), bw.ldc = s.in;
-    const double t_fw = gpu_best([&] { gemm_cuda(fw, nullptr); });
-    const double t_bw = gpu_best([&] { gemm_cuda(bw, nullptr); });
-    const double t_deq = gpu_best([&] { nf4_dequantize_cuda(w.q, n, 64, true, wdense.data(), dt, nullptr); });
-    const double t_qf = gpu_best([&] { qlora_forward_cuda(x.view, w, A.view, B.view, opt, y.view, xa.view, nullptr); });
-    const double t_qb = gpu_best([&] {
-      qlora_backward_cuda(dy.view, x.view, w, A.view, B.view, xa.view, opt, dx.view, dA.view, dB.view, nullptr);
-    });
+    // Two sets of activations (x, dy and what is computed from them), used in turn.
+    struct Set {
+      DTensor x, dy, y, xa, dx;
+      Set(const Shape& s, DType dt)
+          : x({s.N, s.in}, dt), dy({s.N, s.out}, dt), y({s.N, s.out}, dt), xa({s.N, s.r}, DType::F32),
+            dx({s.N, s.in}, dt) {}
+    };
+    std::unique_ptr<Set> sets[2] = {std::make_unique<Set>(s, dt), std::make_unique<Set>(s, dt)};
+    for (int k = 0; k < 2; ++k) {
+      fill_bf16(sets[k]->x.ptr(), s.N * s.in, 10 + uint64_t(k), 1.0);
+      fill_bf16(sets[k]->dy.ptr(), s.N * s.out, 20 + uint64_t(k), 1.0);
+    }
+    DTensor A({s.r, s.in}, dt), B({s.out, s.r}, dt), dA({s.r, s.in}, dt), dB({s.out, s.r}, dt);
+    fill_bf16(A.ptr(), s.r * s.in, 2, 1.0 / std::sqrt(double(s.in)));
+    fill_bf16(B.ptr(), s.out * s.r, 3, 0.02);
+
+    auto gemm_fw = [&](Set& z) {  // y = x W^T
+      GemmParams p;
+      p.M = s.N, p.N = s.out, p.K = s.in, p.ab_dtype = dt, p.c_dtype = dt;
+      p.A = z.x.ptr(), p.lda = s.in, p.B = wdense.data(), p.ldb = s.in, p.trans_b = true;
+      p.C = z.y.ptr(), p.ldc = s.out;
+      gemm_cuda(p, nullptr);
+    };
+    auto gemm_bw = [&](Set& z) {  // dx = dy W
+      GemmParams p;
+      p.M = s.N, p.N = s.in, p.K = s.out, p.ab_dtype = dt, p.c_dtype = dt;
+      p.A = z.dy.ptr(), p.lda = s.out, p.B = wdense.data(), p.ldb = s.in;
+      p.C = z.dx.ptr(), p.ldc = s.in;
+      gemm_cuda(p, nullptr);
+    };
+    const double t_fw = gpu_median([&](int i) { gemm_fw(*sets[i & 1]); });
+    const double t_bw = gpu_median([&](int i) { gemm_bw(*sets[i & 1]); });
+    const double t_deq = gpu_median([&](int) { nf4_dequantize_cuda(w.q, n, 64, true, wdense.data(), dt, nullptr); });
     const double flops = 2.0 * double(s.N) * double(s.in) * double(s.out);
-    std::printf("    N %lld in %lld out %lld r %lld, dropout 0.1:\n", (long long)s.N, (long long)s.in, (long long)s.out,
-                (long long)s.r);
-    std::printf("      dense bf16 x W^T %8.3f ms (%6.1f TFLOP/s)   dense dy W %8.3f ms (%6.1f TFLOP/s)\n", t_fw * 1e3,
-                flops / t_fw * 1e-12, t_bw * 1e3, flops / t_bw * 1e-12);
-    std::printf("      nf4 dequantize of all of W %8.3f ms\n", t_deq * 1e3);
-    std::printf("      qlora forward  %8.3f ms  ratio %.3f (/ dense x W^T)\n", t_qf * 1e3, t_qf / t_fw);
-    std::printf("      qlora backward %8.3f ms  ratio %.3f (/ dense dy W)\n", t_qb * 1e3, t_qb / t_bw);
-    std::printf("      qlora fwd + bwd %8.3f ms  ratio %.3f (/ dense x W^T + dy W)\n", (t_qf + t_qb) * 1e3,
-                (t_qf + t_qb) / (t_fw + t_bw));
+    std::printf("    N %lld in %lld out %lld r %lld:\n", (long long)s.N, (long long)s.in, (long long)s.out, (long long)s.r);
+    std::printf("      dense bf16 x W^T %8.3f ms (%6.1f TFLOP/s)   dense dy W %8.3f ms (%6.1f TFLOP/s)   nf4 dequantize of W %8.3f ms\n",
+                t_fw * 1e3, flops / t_fw * 1e-12, t_bw * 1e3, flops / t_bw * 1e-12, t_deq * 1e3);
+    for (float dropout : {0.0f, 0.1f}) {
+      QloraOptions opt;
+      opt.scale = 2.0f;
+      opt.dropout = dropout;
+      opt.seed = 7;
+      const double t_qf = gpu_median([&](int i) {
+        Set& z = *sets[i & 1];
+        qlora_forward_cuda(z.x.view, w, A.view, B.view, opt, z.y.view, z.xa.view, nullptr);
+      });
+      const double t_qb = gpu_median([&](int i) {
+        Set& z = *sets[i & 1];
+        qlora_backward_cuda(z.dy.view, z.x.view, w, A.view, B.view, z.xa.view, opt, z.dx.view, dA.view, dB.view, nullptr);
+      });
+      const double ratio = (t_qf + t_qb) / (t_fw + t_bw);
+      std::printf("      dropout %.1f: qlora forward %8.3f ms (%.3f x dense x W^T)   backward %8.3f ms (%.3f x dense dy W)"
+                  "   fwd + bwd %8.3f ms, ratio %.3f\n",
+                  double(dropout), t_qf * 1e3, t_qf / t_fw, t_qb * 1e3, t_qb / t_bw, (t_qf + t_qb) * 1e3, ratio);
+      std::printf("      perf-json {\"test\":\"cuda_qlora\",\"N\":%lld,\"in\":%lld,\"out\":%lld,\"r\":%lld,\"dropout\":%.1f,"
+                  "\"dense_fwd_ms\":%.6f,\"dense_dx_ms\":%.6f,\"dequant_ms\":%.6f,\"qlora_fwd_ms\":%.6f,\"qlora_bwd_ms\":%.6f,"
+                  "\"ratio\":%.4f}\n",
+                  (long long)s.N, (long long)s.in, (long long)s.out, (long long)s.r, double(dropout), t_fw * 1e3,
+                  t_bw * 1e3, t_deq * 1e3, t_qf * 1e3, t_qb * 1e3, ratio);
+    }
+    ck(cudaDeviceSynchronize(), "qlora perf");
   }
 }
 
