@@ -28,21 +28,24 @@ size_t CpuAllocator::round_size(size_t bytes) {
   return (bytes + g - 1) / g * g;
 }
 
+void* CpuAllocator::take(std::multimap<size_t, void*>& from, size_t size) {
+  auto it = from.lower_bound(size);
+  if (it == from.end() || it->first > 2 * size) return nullptr;
+  void* p = it->second;
+  size_t got = it->first;
+  from.erase(it);
+  stats_.cached_bytes -= int64_t(got);
+  stats_.allocated_bytes += int64_t(got);
+  if (stats_.allocated_bytes > stats_.peak_allocated_bytes) stats_.peak_allocated_bytes = stats_.allocated_bytes;
+  sizes_[p] = got;
+  return p;
+}
+
 void* CpuAllocator::allocate(size_t bytes) {
   size_t size = round_size(bytes);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = cache_.lower_bound(size);
-    if (it != cache_.end() && it->first <= 2 * size) {
-      void* p = it->second;
-      size_t got = it->first;
-      cache_.erase(it);
-      stats_.cached_bytes -= int64_t(got);
-      stats_.allocated_bytes += int64_t(got);
-      if (stats_.allocated_bytes > stats_.peak_allocated_bytes) stats_.peak_allocated_bytes = stats_.allocated_bytes;
-      sizes_[p] = got;
-      return p;
-    }
+    if (void* p = take(cache_, size)) return p;
   }
   void* p = std::aligned_alloc(kAlign, size);
   if (!p) {
@@ -81,16 +84,8 @@ void* CpuAllocator::allocate_queued(size_t bytes) {
   size_t size = round_size(bytes);
   {
     std::lock_guard<std::mutex> lk(mu_);
-    auto it = pending_.lower_bound(size);
-    if (it != pending_.end() && it->first <= 2 * size) {
-      void* p = it->second;
-      size_t got = it->first;
-      pending_.erase(it);
+    if (void* p = take(pending_, size)) {
       pending_info_.erase(p);
-      stats_.cached_bytes -= int64_t(got);
-      stats_.allocated_bytes += int64_t(got);
-      if (stats_.allocated_bytes > stats_.peak_allocated_bytes) stats_.peak_allocated_bytes = stats_.allocated_bytes;
-      sizes_[p] = got;
       return p;
     }
   }

@@ -52,7 +52,10 @@ class CpuAllocator {
   CpuAllocator();
   static size_t round_size(size_t bytes);
   std::mutex mu_;
-  void cache_or_free(void* ptr, size_t size);  // mu_ held
+  // Both with mu_ held: a block of `from` that fits `size` (up to twice larger), now allocated, or
+  // nullptr; and a released block into the cache, or back to the system beyond the cache limit.
+  void* take(std::multimap<size_t, void*>& from, size_t size);
+  void cache_or_free(void* ptr, size_t size);
   std::multimap<size_t, void*> cache_;
   std::multimap<size_t, void*> pending_;
   struct Pending {
