@@ -121,11 +121,17 @@ describe.skipIf(!cudaBuild)('the cuda-standin device', () => {
 
   async function runOn(device: string, dtype: 'f32' | 'bf16') {
     const out = join(dir, `book-${device}-${dtype}`);
-    const outcomes = await runRecipe(parseRecipe({ model: { preset: 'micro', seed: 3 }, output: out, device, dtype, stages: stages(out) }));
+    const trained: string[] = [];
+    const outcomes = await runRecipe(parseRecipe({ model: { preset: 'micro', seed: 3 }, output: out, device, dtype, stages: stages(out) }), {
+      // What each stage trains (always f32: the optimizer's master copy) and what it computes in.
+      beforeStage: (stage, model) => {
+        trained.push(`${stage.name}: ${[...new Set(model.trainableParameters().map(([, t]) => t.dtype))].join()} trained, ${model.lmHeadWeight.dtype} head`);
+      },
+    });
     const model = await tk.loadModel(join(out, 'sft', 'model'), { device: device as 'cpu', dtype });
     try {
       const [text] = await tk.generate(model, tok, ['add 3 and 4'], { maxNewTokens: 6, temperature: 0.8, seed: 2 });
-      return { losses: outcomes.map((o) => o.result!.losses.map((l) => l.loss)), text, params: devicesOf(model) };
+      return { losses: outcomes.map((o) => o.result!.losses.map((l) => l.loss)), text, params: devicesOf(model), trained };
     } finally {
       model.dispose();
     }
@@ -144,6 +150,8 @@ describe.skipIf(!cudaBuild)('the cuda-standin device', () => {
       expect(onDevice.losses.flat().every(Number.isFinite)).toBe(true);
       expect(onDevice.losses).toEqual(onCpu.losses);
       expect(onDevice.text).toBe(onCpu.text);
+      // LoRA stages keep their base in the recipe's dtype; full training keeps f32 weights.
+      expect(onDevice.trained).toEqual(['pre: f32 trained, f32 head', `sft: f32 trained, ${dtype} head`, `dpo: f32 trained, ${dtype} head`, 'distill: f32 trained, f32 head']);
     });
   }
 

@@ -141,7 +141,11 @@ export const recipeSchema = z.strictObject({
   threads: positiveInt.optional(),
   /** Where every stage trains: 'cpu', 'cuda' or 'cuda:N'. */
   device: z.string().regex(DEVICE_PATTERN, "use 'cpu', 'cuda' or 'cuda:N'").default('cpu'),
-  /** The dtype of the weights that are not NF4 (and so of activations). bf16 is the usual choice on a GPU. */
+  /**
+   * The dtype of frozen weights: a LoRA or QLoRA base (its weights that are not NF4) and a
+   * distillation teacher; activations follow it. Trainable weights are always f32 (the optimizer's
+   * master copy). bf16 is the usual choice on a GPU.
+   */
   dtype: z.enum(['f32', 'bf16']).default('f32'),
   stages: z.array(stageSchema).min(1),
 });

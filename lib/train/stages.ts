@@ -188,11 +188,15 @@ async function runTrainingStage(recipe: Recipe, stage: TrainingStage, index: num
   const tokenizer: Tokenizer = previousDir ? await loadTokenizer(previousDir) : new ByteTokenizer();
   const quantize = stage.lora?.quantize;
   const fresh = stage.type === 'distill' && stage.student ? stage.student : !previousDir ? (recipe.model as { preset: 'micro' | 'mini' | 'tiny' | 'small'; seed?: number }) : null;
-  const placement = { device: recipe.device as Device, dtype: recipe.dtype };
+  // recipe.dtype is the dtype of frozen weights. Trainable weights stay f32 (the optimizer's master
+  // copy): all of them without LoRA, and the LoRA pairs, which are f32 whatever the base's dtype.
+  const device = recipe.device as Device;
+  const frozen = { device, dtype: recipe.dtype };
+  const placement = stage.lora ? frozen : { device, dtype: 'f32' as const };
   const model: CausalLM = fresh
     ? createModel({ preset: fresh.preset, vocabSize: tokenizer.vocabSize }, { ...placement, seed: fresh.seed ?? seed })
     : await loadModel(previousDir!, { ...placement, ...(quantize ? { quantize } : {}) });
-  const teacher = stage.type === 'distill' ? await loadModel(at(stage.teacher), placement).catch((err: unknown) => {
+  const teacher = stage.type === 'distill' ? await loadModel(at(stage.teacher), frozen).catch((err: unknown) => {
     model.dispose();
     throw err;
   }) : null;
