@@ -753,6 +753,23 @@ void set_kd(RowArgs& a, const DistillParams& p) {
   a.log_1mbeta = std::log1p(-p.beta);
 }
 
+// The row engine's arguments for a distillation call: student and teacher rows, the targets'
+// mask and the distillation fields. Callers add the outputs (per-row losses, the gradient).
+RowArgs kd_rows(const TensorView& student, const TensorView& teacher, const TensorView& targets, const KdDims& d,
+                const DistillParams& p) {
+  RowArgs a;
+  a.s = student.data;
+  a.lds = d.V;
+  a.t = teacher.data;
+  a.ldt = d.V;
+  a.rows = d.N;
+  a.V = d.V;
+  a.targets = d.masked ? targets.ptr<const int32_t>() : nullptr;
+  a.ignore_index = p.ignore_index;
+  set_kd(a, p);
+  return a;
+}
+
 // ---- DPO checks ----
 void check_dpo(const TensorView& pc, const TensorView& pr, const TensorView& rc, const TensorView& rr,
                const DpoParams& p, const char* op) {
@@ -984,16 +1001,7 @@ void distill_forward_cuda(const TensorView& student, const TensorView& teacher, 
   const cudaStream_t st = to_stream(stream);
   AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
-  RowArgs a;
-  a.s = student.data;
-  a.lds = d.V;
-  a.t = teacher.data;
-  a.ldt = d.V;
-  a.rows = d.N;
-  a.V = d.V;
-  a.targets = d.masked ? targets.ptr<const int32_t>() : nullptr;
-  a.ignore_index = params.ignore_index;
-  set_kd(a, params);
+  RowArgs a = kd_rows(student, teacher, targets, d, params);
   a.kd_loss = losses.ptr<float>();
   launch_kd(a, student.dtype, teacher.dtype, st);
   launch_reduce(losses.ptr<const float>(), 1, d.N, loss.ptr<float>(), 1.0, true, count.as<int64_t>(), d.N, st);
@@ -1009,18 +1017,9 @@ void distill_backward_cuda(const TensorView& student, const TensorView& teacher,
   const cudaStream_t st = to_stream(stream);
   AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
-  RowArgs a;
-  a.s = student.data;
-  a.lds = d.V;
-  a.t = teacher.data;
-  a.ldt = d.V;
+  RowArgs a = kd_rows(student, teacher, targets, d, params);
   a.g = dstudent.data;
   a.ldg = d.V;
-  a.rows = d.N;
-  a.V = d.V;
-  a.targets = d.masked ? targets.ptr<const int32_t>() : nullptr;
-  a.ignore_index = params.ignore_index;
-  set_kd(a, params);
   a.kd_dev = dloss.ptr<const float>();
   a.count_dev = count.as<int64_t>();
   a.count_host = d.N;
@@ -1038,18 +1037,9 @@ void distill_fused_cuda(const TensorView& student, const TensorView& teacher, co
   const cudaStream_t st = to_stream(stream);
   AsyncScratch count(d.masked ? sizeof(int64_t) : 0, st);
   if (d.masked) launch_count(targets, d.N, params.ignore_index, count.as<int64_t>(), st);
-  RowArgs a;
-  a.s = student.data;
-  a.lds = d.V;
-  a.t = teacher.data;
-  a.ldt = d.V;
+  RowArgs a = kd_rows(student, teacher, targets, d, params);
   a.g = dstudent.data;
   a.ldg = d.V;
-  a.rows = d.N;
-  a.V = d.V;
-  a.targets = d.masked ? targets.ptr<const int32_t>() : nullptr;
-  a.ignore_index = params.ignore_index;
-  set_kd(a, params);
   a.kd_loss = losses.ptr<float>();
   a.kd_host = dloss;
   a.count_dev = count.as<int64_t>();
